@@ -1,0 +1,151 @@
+"""Configuration shared by every rdswitch process.
+
+Every address is derived from the subnet exactly as SPEC.md says: gateway .1,
+VM .2 (static lease for the VM MAC), host-loopback alias .254.  Validation
+errors are raised as :class:`ConfigError` with a message meant for a human.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import sys
+
+import attrs
+
+DEFAULT_SUBNET = "192.168.127.0/24"
+DEFAULT_GATEWAY_MAC = "5a:94:ef:e4:0c:dd"
+DEFAULT_VM_MAC = "5a:94:ef:e4:0c:ee"
+DEFAULT_MTU = 1500
+MIN_MTU = 576
+# The 16-bit framing carries at most 65535 bytes per Ethernet frame; the IP
+# MTU is that minus the 14-byte Ethernet header.  65520 leaves room to spare.
+MAX_MTU = 65521
+HANDSHAKE_PORT = 6669
+DATA_PORT = 6656
+SIGNATURE = b"github.com/rancher-sandbox/rancher-desktop-networking"
+READY = b"READY"
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; str() is a message for the user."""
+
+
+_MAC_RE = re.compile(r"^[0-9a-fA-F]{2}([:-][0-9a-fA-F]{2}){5}$")
+
+
+def parse_mac(text: str) -> bytes:
+    if not isinstance(text, str) or not _MAC_RE.match(text.strip()):
+        raise ConfigError(f"invalid MAC address {text!r}: expected six hex pairs like 5a:94:ef:e4:0c:ee")
+    mac = bytes(int(x, 16) for x in re.split("[:-]", text.strip()))
+    if mac[0] & 1:
+        raise ConfigError(f"invalid MAC address {text!r}: it is a multicast address")
+    return mac
+
+
+def format_mac(mac: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in mac)
+
+
+def parse_port(text: str | int, what: str = "port") -> int:
+    try:
+        port = int(text)
+    except (TypeError, ValueError):
+        raise ConfigError(f"invalid {what} {text!r}: not a number") from None
+    if not 0 < port < 65536:
+        raise ConfigError(f"invalid {what} {text!r}: must be 1..65535")
+    return port
+
+
+def parse_mtu(text: str | int) -> int:
+    try:
+        mtu = int(text)
+    except (TypeError, ValueError):
+        raise ConfigError(f"invalid MTU {text!r}: not a number") from None
+    if not MIN_MTU <= mtu <= MAX_MTU:
+        raise ConfigError(f"invalid MTU {mtu}: must be {MIN_MTU}..{MAX_MTU} (the frame length is 16 bits)")
+    return mtu
+
+
+def parse_subnet(text: str) -> ipaddress.IPv4Network:
+    try:
+        net = ipaddress.IPv4Network(text, strict=True)
+    except ValueError as exc:
+        raise ConfigError(f"invalid subnet {text!r}: {exc}") from None
+    if net.prefixlen > 24:
+        raise ConfigError(f"invalid subnet {text!r}: needs room for .1, .2 and .254 (a /24 or larger)")
+    return net
+
+
+def parse_cidr(text: str) -> ipaddress.IPv4Network:
+    try:
+        return ipaddress.IPv4Network(text, strict=False)
+    except ValueError as exc:
+        raise ConfigError(f"invalid CIDR {text!r}: {exc}") from None
+
+
+@attrs.frozen
+class NetConfig:
+    """The virtual network's addresses, all derived from the subnet."""
+
+    subnet: ipaddress.IPv4Network = attrs.field(
+        default=ipaddress.IPv4Network(DEFAULT_SUBNET), converter=lambda s: s if isinstance(s, ipaddress.IPv4Network) else parse_subnet(s)
+    )
+    gateway_mac: bytes = attrs.field(default=parse_mac(DEFAULT_GATEWAY_MAC), converter=lambda m: m if isinstance(m, bytes) else parse_mac(m))
+    vm_mac: bytes = attrs.field(default=parse_mac(DEFAULT_VM_MAC), converter=lambda m: m if isinstance(m, bytes) else parse_mac(m))
+    mtu: int = attrs.field(default=DEFAULT_MTU, converter=parse_mtu)
+
+    @property
+    def gateway_ip(self) -> ipaddress.IPv4Address:
+        return self.subnet.network_address + 1
+
+    @property
+    def vm_ip(self) -> ipaddress.IPv4Address:
+        return self.subnet.network_address + 2
+
+    @property
+    def host_alias_ip(self) -> ipaddress.IPv4Address:
+        return self.subnet.network_address + 254
+
+    @property
+    def netmask(self) -> ipaddress.IPv4Address:
+        return self.subnet.netmask
+
+    @property
+    def prefixlen(self) -> int:
+        return self.subnet.prefixlen
+
+    @property
+    def gateway_ips(self) -> tuple[ipaddress.IPv4Address, ...]:
+        """Every address the gateway answers ARP for."""
+        return (self.gateway_ip, self.host_alias_ip)
+
+    @property
+    def nat_table(self) -> dict[ipaddress.IPv4Address, ipaddress.IPv4Address]:
+        return {self.host_alias_ip: ipaddress.IPv4Address("127.0.0.1")}
+
+    @property
+    def dhcp_pool(self) -> range:
+        """Host numbers handed out dynamically: .3 up to .253 (.254 is the host alias)."""
+        size = min(self.subnet.num_addresses - 1, 254)
+        return range(3, size)
+
+
+def normalize_argv(argv: list[str], long_flags: set[str]) -> list[str]:
+    """Accept the incumbent's single-dash long flags (``-debug``) as ``--debug``.
+
+    ``long_flags`` are the flag names without dashes.  ``-flag=value`` works too.
+    """
+    out = []
+    for arg in argv:
+        if arg.startswith("-") and not arg.startswith("--"):
+            name = arg[1:].split("=", 1)[0]
+            if name in long_flags:
+                arg = "-" + arg
+        out.append(arg)
+    return out
+
+
+def die(msg: str, code: int = 2) -> None:
+    print(f"error: {msg}", file=sys.stderr)
+    raise SystemExit(code)
