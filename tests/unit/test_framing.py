@@ -1,0 +1,169 @@
+import struct
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from rdswitch.config import ConfigError
+from rdswitch.framing import (
+    FRAMINGS,
+    FramingError,
+    StreamDecoder,
+    check_datagram,
+    encode,
+    validate_framing,
+)
+
+# Mostly small frames, sometimes up to the 16-bit maximum.
+frame_sizes = st.one_of(
+    st.integers(1, 100),
+    st.integers(1, 100),
+    st.integers(1, 1600),
+    st.integers(1, 65535),
+)
+frames_st = st.lists(
+    frame_sizes.flatmap(lambda n: st.binary(min_size=n, max_size=n) if n <= 64 else st.just(bytes([n % 251]) * n)),
+    max_size=12,
+)
+
+
+def chunk(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    out, last = [], 0
+    for p in points + [len(data)]:
+        out.append(data[last:p])
+        last = p
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(frames=frames_st, cuts=st.lists(st.integers(0, 10**6), max_size=20), framing=st.sampled_from(["stdio", "qemu"]))
+def test_roundtrip_any_chunking(frames, cuts, framing):
+    data = encode(framing, frames)
+    dec = StreamDecoder(framing)
+    got = []
+    for piece in chunk(data, cuts):
+        out = dec.feed(piece)
+        assert all(type(f) is bytes for f in out)
+        got.extend(out)
+    dec.eof()
+    assert got == frames
+    assert dec.pending == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=300), cuts=st.lists(st.integers(0, 400), max_size=8), framing=st.sampled_from(["stdio", "qemu"]), maxf=st.integers(1, 65535))
+def test_garbage_only_raises_framing_error(data, cuts, framing, maxf):
+    dec = StreamDecoder(framing, max_frame=maxf)
+    try:
+        for piece in chunk(data, cuts):
+            for f in dec.feed(piece):
+                assert 1 <= len(f) <= maxf
+        dec.eof()
+    except FramingError as exc:
+        assert exc.reason
+
+
+def test_stdio_is_16bit_little_endian():
+    assert encode("stdio", [b"abc"]) == b"\x03\x00abc"
+    assert encode("hyperkit", [b"abc", b"\x01" * 258]) == b"\x03\x00abc\x02\x01" + b"\x01" * 258
+
+
+def test_qemu_is_32bit_big_endian():
+    assert encode("qemu", [b"abc"]) == b"\x00\x00\x00\x03abc"
+    assert StreamDecoder("qemu").feed(b"\x00\x00\x00\x02hi\x00\x00") == [b"hi"]
+
+
+def test_byte_at_a_time():
+    frames = [b"x" * 5, b"y" * 300, b"z"]
+    data = encode("stdio", frames)
+    dec = StreamDecoder("stdio")
+    got = []
+    for i in range(len(data)):
+        got += dec.feed(data[i : i + 1])
+    assert got == frames
+
+
+def test_accepts_bytearray_and_memoryview():
+    dec = StreamDecoder("stdio")
+    assert dec.feed(bytearray(b"\x02\x00ab\x01")) == [b"ab"]
+    assert dec.feed(memoryview(b"\x00c")) == [b"c"]
+
+
+def test_zero_length_frame():
+    dec = StreamDecoder("stdio")
+    with pytest.raises(FramingError, match="zero-length frame") as ei:
+        dec.feed(b"\x01\x00a\x00\x00")
+    assert ei.value.frames == [b"a"]
+    with pytest.raises(FramingError):  # sticky: the stream lost sync
+        dec.feed(b"\x01\x00a")
+
+
+def test_frame_too_large():
+    dec = StreamDecoder("qemu")
+    with pytest.raises(FramingError) as ei:
+        dec.feed(struct.pack(">I", 70000))
+    assert ei.value.reason == "frame too large (70000 > 65535)"
+    dec = StreamDecoder("stdio", max_frame=1514)
+    with pytest.raises(FramingError, match="1515 > 1514"):
+        dec.feed(b"\xeb")  # header split across feeds
+        dec.feed(b"\x05")
+
+
+def test_truncated_at_eof():
+    dec = StreamDecoder("stdio")
+    assert dec.feed(b"\x05\x00ab") == []
+    with pytest.raises(FramingError, match="truncated frame at EOF"):
+        dec.eof()
+    dec = StreamDecoder("stdio")
+    dec.feed(b"\x05")
+    with pytest.raises(FramingError, match="truncated"):
+        dec.eof()
+    StreamDecoder("stdio").eof()  # nothing pending: fine
+
+
+def test_encode_rejects_bad_frames():
+    with pytest.raises(FramingError, match="zero-length"):
+        encode("stdio", [b"a", b""])
+    with pytest.raises(FramingError, match="too large"):
+        encode("stdio", [b"a" * 65536])
+    assert len(encode("qemu", [b"a" * 65536])) == 65540
+    with pytest.raises(ConfigError):
+        encode("bess", [b"a"])
+
+
+def test_validate_framing():
+    assert validate_framing("stdio") == "stdio"
+    assert validate_framing("hyperkit") == "stdio"
+    assert validate_framing(" QEMU ") == "qemu"
+    assert set(FRAMINGS) == {"stdio", "qemu", "bess", "vfkit"}
+    with pytest.raises(ConfigError, match="stdio, qemu, bess, vfkit"):
+        validate_framing("bogus")
+    with pytest.raises(ConfigError):
+        validate_framing(None)
+    with pytest.raises(ConfigError):
+        StreamDecoder("vfkit")
+
+
+def test_check_datagram():
+    assert check_datagram(b"abc") == b"abc"
+    with pytest.raises(FramingError, match="zero-length"):
+        check_datagram(b"")
+    with pytest.raises(FramingError, match="too large"):
+        check_datagram(b"a" * 65536)
+
+
+def test_decoder_speed_smoke():
+    # A gross regression guard (e.g. quadratic buffering), not a benchmark:
+    # 64 MiB of 64 KiB frames fed in 256 KiB chunks must decode in well under 2 s.
+    import time
+
+    frame = b"\xab" * 65535
+    data = encode("stdio", [frame] * 4)
+    dec = StreamDecoder("stdio")
+    t0 = time.perf_counter()
+    count = 0
+    for _ in range(256):
+        for i in range(0, len(data), 100_000):
+            count += len(dec.feed(data[i : i + 100_000]))
+    assert count == 1024
+    assert time.perf_counter() - t0 < 2.0
