@@ -1,0 +1,194 @@
+"""python -m rdswitch.wsl_proxy: published ports from the namespace on localhost.
+
+Flags (the incumbent's single-dash spellings work too)::
+
+    --socketFile /run/wsl-proxy.sock   control socket (mode 0600; a stale one is replaced)
+    --upstreamAddress 192.168.1.2      where connections are piped (the namespace's veth)
+    --logfile /var/log/wsl-proxy.log
+    --debug                            debug logging, also to stderr
+
+SIGTERM/SIGINT close every listener and connection, remove the socket file
+and exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ipaddress
+import logging
+import os
+import re
+import signal
+import socket
+import stat
+import sys
+
+import trio
+
+from ..config import normalize_argv
+from .flows import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_FLOWS
+from .proxy import Proxy, log
+
+DEFAULT_SOCKET = "/run/wsl-proxy.sock"
+DEFAULT_UPSTREAM = "192.168.1.2"
+DEFAULT_LOGFILE = "/var/log/wsl-proxy.log"
+
+_LONG_FLAGS = {
+    "socketFile", "socket-file", "upstreamAddress", "upstream-address", "logfile", "debug",
+    "udp-idle-timeout", "udp-max-flows",
+}
+_HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
+
+
+def _go_bools(argv: list[str]) -> list[str]:
+    """Go's flag package accepts -debug=true / -debug=false."""
+    out = []
+    for arg in argv:
+        if arg.startswith("--debug="):
+            value = arg.split("=", 1)[1].lower()
+            if value in ("1", "t", "true"):
+                arg = "--debug"
+            elif value in ("0", "f", "false"):
+                continue
+        out.append(arg)
+    return out
+
+
+def _upstream(text: str) -> str:
+    text = text.strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        pass
+    if _HOSTNAME_RE.match(text):
+        return text
+    raise argparse.ArgumentTypeError(f"invalid upstream address {text!r}: expected an IP address or host name")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < 1e6:
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 < value <= 1_000_000:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 1..1000000")
+    return value
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m rdswitch.wsl_proxy", description=__doc__.split("\n\n")[0])
+    p.add_argument("--socketFile", "--socket-file", dest="socket_file", default=DEFAULT_SOCKET,
+                   help=f"unix socket receiving port mappings (default {DEFAULT_SOCKET})")
+    p.add_argument("--upstreamAddress", "--upstream-address", dest="upstream", type=_upstream, default=DEFAULT_UPSTREAM,
+                   help=f"address connections are piped to (default {DEFAULT_UPSTREAM})")
+    p.add_argument("--logfile", default=DEFAULT_LOGFILE, help=f"log file (default {DEFAULT_LOGFILE})")
+    p.add_argument("--debug", action="store_true", help="debug logging, also to stderr")
+    p.add_argument("--udp-idle-timeout", dest="udp_idle_timeout", type=_positive_float, default=DEFAULT_IDLE_TIMEOUT,
+                   help=f"seconds before an idle UDP flow is closed (default {DEFAULT_IDLE_TIMEOUT:g})")
+    p.add_argument("--udp-max-flows", dest="udp_max_flows", type=_positive_int, default=DEFAULT_MAX_FLOWS,
+                   help=f"UDP flows per port; the least recently used is evicted beyond it (default {DEFAULT_MAX_FLOWS})")
+    return p.parse_args(normalize_argv(_go_bools(argv), _LONG_FLAGS))
+
+
+def setup_logging(logfile: str, debug: bool) -> None:
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stderr = logging.StreamHandler(sys.stderr)
+    stderr.setFormatter(fmt)
+    stderr.setLevel(logging.DEBUG if debug else logging.WARNING)
+    root.addHandler(stderr)
+    if logfile:
+        try:
+            fh = logging.FileHandler(logfile)
+        except OSError as exc:
+            log.warning("cannot open log file %s: %s; logging to stderr only", logfile, exc.strerror or exc)
+        else:
+            fh.setFormatter(fmt)
+            root.addHandler(fh)
+
+
+def open_control_socket(path: str) -> socket.socket:
+    """Bind the unix socket with mode 0600, replacing a stale socket file."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise OSError(f"{path} exists and is not a socket; refusing to replace it")
+        os.unlink(path)
+        log.info("removed stale socket file %s", path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        sock.bind(path)
+        os.chmod(path, 0o600)
+        sock.listen(64)
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        os.umask(old_umask)
+    return sock
+
+
+def _remove_socket_file(path: str, ino: int | None) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        if ino is None or os.lstat(path).st_ino == ino:  # never remove a successor's socket
+            os.unlink(path)
+
+
+async def amain(args: argparse.Namespace) -> int:
+    proxy = Proxy(args.upstream, udp_idle_timeout=args.udp_idle_timeout, udp_max_flows=args.udp_max_flows)
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        try:
+            sock = open_control_socket(args.socket_file)
+        except OSError as exc:
+            log.error("cannot listen on %s: %s", args.socket_file, exc.strerror or exc)
+            return 1
+        ino = os.lstat(args.socket_file).st_ino  # the file we made, not a successor's
+        try:
+            listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+            log.info("listening on %s, upstream %s", args.socket_file, args.upstream)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(proxy.serve, listener)
+
+                async def watch_signals():
+                    async for signum in signals:
+                        log.info("received %s; closing every listener and connection", signal.Signals(signum).name)
+                        nursery.cancel_scope.cancel()
+                        return
+
+                nursery.start_soon(watch_signals)
+        finally:
+            sock.close()
+            _remove_socket_file(args.socket_file, ino)
+    log.info("stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    setup_logging(args.logfile, args.debug)
+    try:
+        return trio.run(amain, args)
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

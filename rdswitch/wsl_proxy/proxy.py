@@ -1,0 +1,355 @@
+"""wsl-proxy's trio shell: control socket, per-port listeners, pipes.
+
+Lifetimes follow the nursery tree:
+
+    Proxy.serve (the proxy's nursery)
+      control connections (one task each, bounded)
+      one task per forwarded port  -> that port's nursery (its cancel scope is
+                                      kept in Proxy.ports; remove cancels it)
+          listener tasks (127.0.0.1 and ::1)
+          one task per TCP connection: owns the accepted and the upstream socket
+          one task per UDP flow: owns its upstream socket; a reaper idles flows out
+
+Every socket is opened by the task that closes it (``with``/``async with``),
+so cancelling a port or the proxy is the only teardown path and nothing can
+leak.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket as _stdsocket
+
+import attrs
+import trio
+
+from .flows import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_FLOWS, FlowTable
+from .mapping import Binding, MappingError, MessageFramer, PortMapping, parse_mapping
+
+log = logging.getLogger("rdswitch.wsl_proxy")
+
+LOCALHOSTS = ((_stdsocket.AF_INET, "127.0.0.1"), (_stdsocket.AF_INET6, "::1"))
+CONTROL_READ_TIMEOUT = 10.0
+MAX_CONTROL_CONNECTIONS = 32
+CONNECT_TIMEOUT = 15.0
+BUFSIZE = 65536
+BACKLOG = 128
+# accept() errors that mean "out of resources right now", not "listener broken"
+_TRANSIENT_ACCEPT_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED}
+
+# errors a UDP socket reports for an earlier datagram (ICMP): not fatal
+_TRANSIENT_UDP_ERRORS = {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EMSGSIZE, errno.ENOBUFS, errno.ENOMEM}
+
+
+class PortUnavailable(Exception):
+    """A localhost port could not be bound; str() is for the log."""
+
+
+@attrs.define(eq=False)
+class PortEntry:
+    binding: Binding
+    addresses: list[str]
+    scope: trio.CancelScope | None = None
+    done: trio.Event = attrs.field(factory=trio.Event)
+    connections: int = 0  # open TCP pipes / UDP flows, for the log and tests
+
+
+@attrs.define(eq=False)
+class UdpFlow:
+    sock: trio.socket.SocketType
+    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+
+
+class Proxy:
+    def __init__(
+        self,
+        upstream: str = "192.168.1.2",
+        udp_idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        udp_max_flows: int = DEFAULT_MAX_FLOWS,
+        localhosts=LOCALHOSTS,
+    ):
+        self.upstream = upstream
+        self.udp_idle_timeout = udp_idle_timeout
+        self.udp_max_flows = udp_max_flows
+        self.localhosts = localhosts
+        self.ports: dict[tuple[str, int], PortEntry] = {}
+        self._lock = trio.Lock()
+        self._nursery: trio.Nursery | None = None
+        self._control_limit = trio.CapacityLimiter(MAX_CONTROL_CONNECTIONS)
+
+    # ---- control socket -------------------------------------------------
+
+    async def serve(self, listener: trio.abc.Listener, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Serve control connections on ``listener`` until cancelled; cancelling
+        closes every forwarded port and its connections."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            try:
+                task_status.started()
+                async with listener:
+                    while True:
+                        try:
+                            stream = await listener.accept()
+                        except OSError as exc:
+                            if exc.errno in _TRANSIENT_ACCEPT_ERRORS:
+                                log.error("control socket: accept failed: %s; retrying", exc.strerror)
+                                await trio.sleep(0.1)
+                                continue
+                            raise
+                        nursery.start_soon(self._control_connection, stream)
+            finally:
+                nursery.cancel_scope.cancel()
+                self.ports.clear()
+
+    async def _control_connection(self, stream: trio.abc.Stream) -> None:
+        async with stream:
+            async with self._control_limit:
+                try:
+                    data = await self._read_message(stream)
+                except MappingError as exc:
+                    log.error("rejected port mapping: %s", exc)
+                    return
+                except trio.TooSlowError:
+                    log.error("rejected port mapping: no complete JSON message within %gs", CONTROL_READ_TIMEOUT)
+                    return
+                except (trio.BrokenResourceError, OSError) as exc:
+                    log.error("control connection failed: %s", exc)
+                    return
+                try:
+                    mapping = parse_mapping(data)
+                except MappingError as exc:
+                    log.error("rejected port mapping: %s (message %r)", exc, _preview(data))
+                    return
+                log.debug("port mapping: %s", mapping)
+                await self.apply(mapping)
+
+    async def _read_message(self, stream: trio.abc.Stream) -> bytes:
+        framer = MessageFramer()
+        with trio.fail_after(CONTROL_READ_TIMEOUT):
+            while True:
+                chunk = await stream.receive_some(BUFSIZE)
+                if not chunk:
+                    return framer.eof()
+                msg = framer.feed(chunk)
+                if msg is not None:
+                    return msg
+
+    async def apply(self, mapping: PortMapping) -> None:
+        """Add or remove every binding of ``mapping``; returns once listeners are
+        bound (add) or closed along with their connections (remove)."""
+        for err in mapping.errors:
+            log.error("rejected port binding: %s", err)
+        async with self._lock:
+            for b in mapping.bindings:
+                if mapping.remove:
+                    await self.remove_port(b)
+                else:
+                    await self.add_port(b)
+
+    # ---- ports ------------------------------------------------------------
+
+    async def add_port(self, b: Binding) -> bool:
+        assert self._nursery is not None, "Proxy.serve is not running"
+        if b.key in self.ports:
+            log.debug("already forwarding %s", b)
+            return True
+        try:
+            socks = await self._bind(b)
+        except PortUnavailable as exc:
+            log.error("cannot forward %s: %s", b, exc)
+            return False
+        entry = PortEntry(b, [a for a, _ in socks])
+        await self._nursery.start(self._run_port, entry, socks)
+        self.ports[b.key] = entry
+        log.info("forwarding localhost:%s (%s) to %s:%s", b, ", ".join(entry.addresses), self.upstream, b.host_port)
+        return True
+
+    async def remove_port(self, b: Binding) -> bool:
+        entry = self.ports.pop(b.key, None)
+        if entry is None:
+            log.info("remove %s: not forwarded; nothing to do", b)
+            return False
+        assert entry.scope is not None
+        entry.scope.cancel()
+        with trio.move_on_after(10):
+            await entry.done.wait()
+        log.info("stopped forwarding %s", b)
+        return True
+
+    async def _bind(self, b: Binding) -> list[tuple[str, trio.socket.SocketType]]:
+        """Bind every localhost address; all or nothing for 'in use'."""
+        kind = trio.socket.SOCK_STREAM if b.protocol == "tcp" else trio.socket.SOCK_DGRAM
+        socks: list[tuple[str, trio.socket.SocketType]] = []
+        try:
+            for family, host in self.localhosts:
+                try:
+                    sock = trio.socket.socket(family, kind)
+                except OSError as exc:
+                    log.debug("no %s on this host (%s); skipping it for %s", host, exc.strerror, b)
+                    continue
+                try:
+                    if kind == trio.socket.SOCK_STREAM:
+                        # lets a removed port be re-added at once; an active
+                        # listener still makes bind fail with EADDRINUSE
+                        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
+                    if family == trio.socket.AF_INET6:
+                        sock.setsockopt(trio.socket.IPPROTO_IPV6, trio.socket.IPV6_V6ONLY, 1)
+                    await sock.bind((host, b.host_port))
+                    if kind == trio.socket.SOCK_STREAM:
+                        sock.listen(BACKLOG)
+                except OSError as exc:
+                    sock.close()
+                    if family == trio.socket.AF_INET6 and exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                        log.debug("%s unavailable (%s); %s on IPv4 only", host, exc.strerror, b)
+                        continue
+                    if exc.errno == errno.EADDRINUSE:
+                        raise PortUnavailable(f"port {b.host_port}/{b.protocol} is already in use on {host}") from None
+                    raise PortUnavailable(f"cannot bind {host} port {b.host_port}/{b.protocol}: {exc.strerror or exc}") from None
+                socks.append((host, sock))
+            if not socks:
+                raise PortUnavailable("no localhost address could be bound")
+        except BaseException:
+            for _, s in socks:
+                s.close()
+            raise
+        return socks
+
+    async def _run_port(self, entry: PortEntry, socks, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                entry.scope = nursery.cancel_scope
+                for host, sock in socks:
+                    if entry.binding.protocol == "tcp":
+                        nursery.start_soon(self._tcp_listener, entry, host, sock, nursery)
+                    else:
+                        nursery.start_soon(self._udp_listener, entry, host, sock, nursery)
+                task_status.started()
+        finally:
+            for _, sock in socks:  # normally closed by their listener tasks already
+                sock.close()
+            entry.done.set()
+
+    # ---- TCP ---------------------------------------------------------------
+
+    async def _tcp_listener(self, entry: PortEntry, host: str, sock, nursery: trio.Nursery) -> None:
+        async with trio.SocketListener(sock) as listener:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    if exc.errno in _TRANSIENT_ACCEPT_ERRORS:
+                        log.error("%s on %s: accept failed: %s; retrying", entry.binding, host, exc.strerror)
+                        await trio.sleep(0.1)
+                        continue
+                    log.error("%s on %s: listener failed: %s", entry.binding, host, exc)
+                    return
+                nursery.start_soon(self._tcp_pipe, entry, stream)
+
+    async def _tcp_pipe(self, entry: PortEntry, client: trio.SocketStream) -> None:
+        entry.connections += 1
+        try:
+            async with client:
+                port = entry.binding.host_port
+                try:
+                    with trio.fail_after(CONNECT_TIMEOUT):
+                        upstream = await trio.open_tcp_stream(self.upstream, port)
+                except (OSError, trio.TooSlowError) as exc:
+                    log.warning("%s: cannot reach upstream %s:%s: %s", entry.binding, self.upstream, port, exc or "timeout")
+                    return
+                async with upstream:
+                    async with trio.open_nursery() as pipe:
+                        pipe.start_soon(_copy, client, upstream, pipe.cancel_scope)
+                        pipe.start_soon(_copy, upstream, client, pipe.cancel_scope)
+        finally:
+            entry.connections -= 1
+
+    # ---- UDP ---------------------------------------------------------------
+
+    async def _udp_listener(self, entry: PortEntry, host: str, sock, nursery: trio.Nursery) -> None:
+        table: FlowTable = FlowTable(self.udp_idle_timeout, self.udp_max_flows)
+        port = entry.binding.host_port
+        with sock:
+            nursery.start_soon(self._udp_reaper, table)
+            while True:
+                try:
+                    data, addr = await sock.recvfrom(BUFSIZE)
+                except OSError as exc:
+                    if exc.errno in _TRANSIENT_UDP_ERRORS:
+                        continue
+                    log.error("%s on %s: listener failed: %s", entry.binding, host, exc)
+                    return
+                now = trio.current_time()
+                flow = table.get(addr, now)
+                if flow is None:
+                    try:
+                        usock = await self._udp_connect(port)
+                    except OSError as exc:
+                        log.warning("%s: cannot reach upstream %s:%s: %s", entry.binding, self.upstream, port, exc)
+                        continue
+                    flow = UdpFlow(usock)
+                    for old in table.add(addr, flow, now):
+                        old.scope.cancel()
+                    nursery.start_soon(self._udp_flow, entry, table, sock, addr, flow)
+                try:
+                    await flow.sock.send(data)
+                except OSError as exc:  # e.g. ICMP port unreachable from an earlier datagram
+                    log.debug("%s: send upstream: %s", entry.binding, exc)
+
+    async def _udp_connect(self, port: int):
+        infos = await trio.socket.getaddrinfo(self.upstream, port, type=trio.socket.SOCK_DGRAM)
+        if not infos:
+            raise OSError(f"cannot resolve {self.upstream}")
+        family, type_, proto, _, addr = infos[0]
+        usock = trio.socket.socket(family, type_, proto)
+        try:
+            await usock.connect(addr)
+        except BaseException:
+            usock.close()
+            raise
+        return usock
+
+    async def _udp_flow(self, entry: PortEntry, table: FlowTable, lsock, addr, flow: UdpFlow) -> None:
+        entry.connections += 1
+        try:
+            with flow.sock, flow.scope:
+                while True:
+                    try:
+                        data = await flow.sock.recv(BUFSIZE)
+                    except OSError as exc:
+                        if exc.errno in _TRANSIENT_UDP_ERRORS:  # ICMP unreachable: keep the flow
+                            continue
+                        log.debug("%s: upstream recv: %s; closing flow", entry.binding, exc)
+                        return
+                    table.touch(addr, trio.current_time())
+                    try:
+                        await lsock.sendto(data, addr)
+                    except OSError as exc:
+                        log.debug("%s: reply to %s: %s", entry.binding, addr, exc)
+        finally:
+            table.remove(addr, flow)
+            entry.connections -= 1
+
+    async def _udp_reaper(self, table: FlowTable) -> None:
+        interval = max(0.05, min(self.udp_idle_timeout / 4, 5.0))
+        while True:
+            await trio.sleep(interval)
+            for flow in table.expire(trio.current_time()):
+                flow.scope.cancel()
+
+
+async def _copy(src: trio.abc.Stream, dst: trio.abc.HalfCloseableStream, scope: trio.CancelScope) -> None:
+    """Copy until EOF, then carry the half-close; any error ends the whole pipe."""
+    try:
+        while True:
+            data = await src.receive_some(BUFSIZE)
+            if not data:
+                await dst.send_eof()
+                return
+            await dst.send_all(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        scope.cancel()
+
+
+def _preview(data: bytes, limit: int = 80) -> bytes:
+    return data if len(data) <= limit else data[:limit] + b"..."
