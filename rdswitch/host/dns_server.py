@@ -1,0 +1,258 @@
+"""The gateway's DNS server (trio shell around ``rdswitch.services.dns``).
+
+``DnsService`` answers one DNS message at a time from whatever transport the
+gateway hands it: ``handle_udp`` for a datagram, ``serve_stream`` for a
+DNS-over-TCP connection (any ``trio.abc.Stream``, e.g. a virtual TCP stream).
+Local zones first, everything else forwarded to the host's resolvers; every
+failure becomes a DNS answer (FORMERR, SERVFAIL) or a dropped datagram, never
+an exception out of the service.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import struct
+from typing import Any, Awaitable, Callable
+
+import dnslib
+import trio
+
+from rdswitch.config import ConfigError, NetConfig
+from rdswitch.host.dns_upstream import Upstreams, UpstreamError, forward
+from rdswitch.services import dns as core
+
+log = logging.getLogger(__name__)
+
+STAT_KEYS = (
+    "queries", "udp", "tcp", "local", "forwarded", "servfail", "formerr", "notimp",
+    "dropped", "truncated", "tcp_connections",
+)
+
+
+class DnsService:
+    def __init__(
+        self,
+        authority: core.DnsAuthority,
+        upstreams: Upstreams,
+        *,
+        search: list[str] | None = None,
+        timeout_per_server: float = 1.0,
+        total_timeout: float = 2.5,
+        tcp_idle_timeout: float = 10.0,
+        tcp_max_inflight: int = 16,
+        forwarder: Callable[..., Awaitable[bytes]] = forward,
+    ):
+        self.authority = authority
+        self.upstreams = upstreams
+        self._search = list(search) if search else None
+        self.timeout_per_server = timeout_per_server
+        self.total_timeout = total_timeout
+        self.tcp_idle_timeout = tcp_idle_timeout
+        self.tcp_max_inflight = tcp_max_inflight
+        self._forward = forwarder
+        self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
+
+    # -- one message --------------------------------------------------------------
+
+    async def handle(self, data: bytes, *, tcp: bool = False) -> bytes | None:
+        """The reply to one DNS message (full size), or None to drop it.  Never raises."""
+        self.stats["queries"] += 1
+        try:
+            return await self._handle(data, tcp)
+        except (trio.Cancelled, KeyboardInterrupt):
+            raise
+        except Exception:  # a bug of ours must not take the server down
+            log.exception("DNS: internal error answering a %d-byte query", len(data))
+            self.stats["servfail"] += 1
+            return core.servfail(data)
+
+    async def _handle(self, data: bytes, tcp: bool) -> bytes | None:
+        try:
+            query = dnslib.DNSRecord.parse(data)
+        except Exception:
+            query = None
+        if query is None or (not query.header.qr and query.header.opcode == 0 and len(query.questions) != 1):
+            reply = core.formerr(data)
+            self.stats["formerr" if reply else "dropped"] += 1
+            return reply
+        if query.header.qr:
+            self.stats["dropped"] += 1
+            return None
+        if query.header.opcode != 0:
+            self.stats["notimp"] += 1
+            return core.notimp(data)
+        local = self.authority.answer(query)
+        if local is not None:
+            self.stats["local"] += 1
+            return local.pack()
+        self.stats["forwarded"] += 1
+        try:
+            return await self._forward(
+                data, self.upstreams, timeout_per_server=self.timeout_per_server,
+                total_timeout=self.total_timeout, tcp=tcp,
+            )
+        except UpstreamError as exc:
+            log.warning("DNS: %s -> SERVFAIL for %s", exc, query.q.qname)
+            self.stats["servfail"] += 1
+            return core.servfail(data)
+
+    async def handle_udp(self, data: bytes, client_addr: Any = None) -> bytes | None:
+        """The UDP reply to a datagram (truncated with TC to the client's EDNS0 size), or None."""
+        self.stats["udp"] += 1
+        reply = await self.handle(data)
+        if reply is None:
+            return None
+        try:
+            limit = core.udp_payload_limit(dnslib.DNSRecord.parse(data))
+        except Exception:
+            limit = core.MIN_UDP_PAYLOAD
+        if len(reply) > limit:
+            self.stats["truncated"] += 1
+            reply = core.truncate_for_udp(reply, limit)
+        return reply
+
+    # -- transports -----------------------------------------------------------------
+
+    async def serve_stream(self, stream: trio.abc.Stream) -> None:
+        """DNS over TCP (RFC 7766) on any stream: length-prefixed messages, several per
+        connection, answered concurrently (up to ``tcp_max_inflight``) and possibly out
+        of order; closes the stream after ``tcp_idle_timeout`` idle seconds, at EOF, or
+        on a malformed message.  Never raises (except Cancelled)."""
+        self.stats["tcp_connections"] += 1
+        send_lock = trio.Lock()
+        limit = trio.Semaphore(self.tcp_max_inflight)
+
+        async def answer(msg: bytes, scope: trio.CancelScope) -> None:
+            try:
+                reply = await self.handle(msg, tcp=True)
+                if reply is None or len(reply) > 65535:
+                    scope.cancel()  # not a query we can answer: drop the connection
+                    return
+                async with send_lock:
+                    await stream.send_all(struct.pack("!H", len(reply)) + reply)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                scope.cancel()
+            finally:
+                limit.release()
+
+        try:
+            async with trio.open_nursery() as nursery:
+                buf = bytearray()
+                while True:
+                    while len(buf) >= 2 and len(buf) >= 2 + struct.unpack_from("!H", buf)[0]:
+                        n = struct.unpack_from("!H", buf)[0]
+                        msg, buf = bytes(buf[2:2 + n]), buf[2 + n:]
+                        self.stats["tcp"] += 1
+                        await limit.acquire()
+                        nursery.start_soon(answer, msg, nursery.cancel_scope)
+                    with trio.move_on_after(self.tcp_idle_timeout) as idle:
+                        chunk = await stream.receive_some(65536)
+                    if idle.cancelled_caught or not chunk:
+                        break
+                    buf += chunk
+                    if len(buf) > 2 * 65537:
+                        break
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except Exception:
+            log.exception("DNS: TCP connection failed")
+        finally:
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(1):
+                    try:
+                        await stream.aclose()
+                    except Exception:
+                        pass
+
+    async def serve_udp_socket(self, sock, *, max_inflight: int = 256, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Serve a bound trio UDP socket (for tests, benchmarks and a host-port listener).
+
+        Each datagram is answered in its own task; beyond ``max_inflight`` concurrent
+        queries datagrams are dropped (the client retries) rather than queued."""
+        task_status.started()
+        inflight = 0
+
+        async def one(data: bytes, addr: Any) -> None:
+            nonlocal inflight
+            try:
+                reply = await self.handle_udp(data, addr)
+                if reply is not None:
+                    try:
+                        await sock.sendto(reply, addr)
+                    except OSError as exc:
+                        log.debug("DNS: cannot reply to %s: %s", addr, exc)
+            finally:
+                inflight -= 1
+
+        async with trio.open_nursery() as nursery:
+            while True:
+                try:
+                    data, addr = await sock.recvfrom(65535)
+                except OSError as exc:  # e.g. ICMP errors reported on the socket
+                    log.debug("DNS: recvfrom: %s", exc)
+                    continue
+                if inflight >= max_inflight:
+                    self.stats["dropped"] += 1
+                    continue
+                inflight += 1
+                nursery.start_soon(one, data, addr)
+
+    # -- management (for the HTTP API and DHCP) ------------------------------------
+
+    def search_domains(self) -> list[str]:
+        """Search domains for DHCP option 119: ``--dns-search`` or the resolv.conf search line (no trailing dots)."""
+        if self._search is not None:
+            return list(self._search)
+        return self.upstreams.search()
+
+    def all_zones(self) -> list[dict]:
+        """Every local zone as ``{"name", "records": {name: ip}, "regexp": [[pattern, ip]], "default_ip"}``."""
+        return [z.to_dict() for z in self.authority.zones]
+
+    def add_record(self, zone: str, name: str, ip: str) -> dict:
+        """Add/replace a record at run time; raises ConfigError (clear message) for bad input."""
+        return self.authority.add_record(zone, name, ip).to_dict()
+
+
+# -- flags -------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("DNS")
+    g.add_argument("--dns-upstream", action="append", default=[], metavar="IP[:PORT]",
+                   help="upstream DNS server (repeatable); default: the nameservers of --dns-resolv-conf")
+    g.add_argument("--dns-resolv-conf", default="/etc/resolv.conf", metavar="PATH",
+                   help="resolver file to forward to, re-read when it changes (default: %(default)s)")
+    g.add_argument("--dns-ttl", type=int, default=core.DEFAULT_TTL, metavar="SECONDS",
+                   help="TTL of the local records (default: %(default)s)")
+    g.add_argument("--dns-zone-file", metavar="PATH",
+                   help='JSON {"zones": [{"name", "records": {label: ip}, "regexp": [[pattern, ip]], "default_ip"}]}')
+    g.add_argument("--dns-record", action="append", default=[], metavar="NAME=IP",
+                   help="extra local record, e.g. foo.rancher-desktop.internal=10.0.0.5 (repeatable)")
+    g.add_argument("--dns-search", action="append", default=[], metavar="DOMAIN",
+                   help="search domain announced by DHCP (repeatable); default: the resolv.conf search line")
+
+
+def from_args(args: argparse.Namespace, net: NetConfig) -> DnsService:
+    """Build the service from parsed flags; ConfigError with a clear message for bad values."""
+    zones = core.builtin_zones(net)
+    if args.dns_zone_file:
+        try:
+            with open(args.dns_zone_file, encoding="utf-8") as f:
+                text = f.read(1 << 22)
+        except OSError as exc:
+            raise ConfigError(f"cannot read --dns-zone-file {args.dns_zone_file!r}: {exc.strerror or exc}") from None
+        zones = core.merge_zones(zones, core.parse_zone_config(text))
+    for flag in args.dns_record:
+        name, ip = core.parse_record_flag(flag)
+        core.add_record(zones, name, ip)
+    authority = core.DnsAuthority(zones, args.dns_ttl)
+    if args.dns_upstream:
+        upstreams = Upstreams([core.parse_server(s) for s in args.dns_upstream])
+    else:
+        upstreams = Upstreams(resolv_conf=args.dns_resolv_conf)
+    search = []
+    for d in args.dns_search:
+        search.append(core.normalize_zone_name(d).rstrip("."))
+    return DnsService(authority, upstreams, search=search or None)

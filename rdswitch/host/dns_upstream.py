@@ -1,0 +1,192 @@
+"""Forwarding DNS queries to the host's resolvers (trio shell, opens host sockets).
+
+``Upstreams`` says where to send: a fixed list (``--dns-upstream``) or the
+nameservers of a resolv.conf, re-read whenever the file changes so that a VPN
+that rewrites the host's resolvers is followed without a restart.
+
+``forward`` sends the raw query: UDP first (a fresh connected socket per query,
+so the reply must come from the server we asked, with our ID), the same server
+over TCP when the UDP answer is truncated, the next server on timeout, error or
+SERVFAIL/REFUSED, and gives up within ``total_timeout`` with ``UpstreamError``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import struct
+import time
+from typing import Iterable
+
+import trio
+
+from rdswitch.services.dns import ResolvConf, is_truncated, parse_resolv_conf, rcode_of
+
+log = logging.getLogger(__name__)
+
+Server = tuple[str, int]
+MAX_MESSAGE = 65535
+_RETRY_RCODES = (2, 4, 5)  # SERVFAIL, NOTIMP, REFUSED: ask the next server
+
+
+class UpstreamError(Exception):
+    """No upstream gave an answer; str() says why (the caller answers SERVFAIL)."""
+
+
+class Upstreams:
+    """The current upstream servers: fixed, or from a resolv.conf that is re-read when it changes."""
+
+    def __init__(
+        self,
+        servers: Iterable[Server] | None = None,
+        resolv_conf: str | os.PathLike | None = None,
+        *,
+        recheck_interval: float = 0.25,
+        clock=time.monotonic,
+    ):
+        self._fixed = list(servers) if servers else None
+        self.path = None if resolv_conf is None else os.fspath(resolv_conf)
+        self.recheck_interval = recheck_interval
+        self._clock = clock
+        self._last_check = float("-inf")
+        self._stamp: tuple | None = None
+        self._conf = ResolvConf()
+        if self._fixed is None and self.path is not None:
+            self._reload(force=True)
+
+    @property
+    def fixed(self) -> bool:
+        return self._fixed is not None
+
+    def _reload(self, force: bool = False) -> None:
+        now = self._clock()
+        if not force and now - self._last_check < self.recheck_interval:
+            return
+        self._last_check = now
+        try:
+            st = os.stat(self.path)
+            stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            if stamp == self._stamp:
+                return
+            with open(self.path, encoding="utf-8", errors="replace") as f:
+                text = f.read(1 << 20)
+        except OSError as exc:
+            if self._stamp is not None or force:
+                log.warning("cannot read %s (%s); keeping the last known DNS servers %s", self.path, exc, list(self._conf.nameservers))
+            self._stamp = None
+            return
+        conf = parse_resolv_conf(text)
+        if conf != self._conf:
+            log.info("DNS upstreams from %s: %s, search %s", self.path, list(conf.nameservers), list(conf.search))
+        self._stamp = stamp
+        self._conf = conf
+
+    def current(self) -> list[Server]:
+        if self._fixed is not None:
+            return list(self._fixed)
+        if self.path is None:
+            return []
+        self._reload()
+        return list(self._conf.nameservers)
+
+    def search(self) -> list[str]:
+        """Search domains of the resolv.conf (empty for fixed upstreams)."""
+        if self._fixed is not None or self.path is None:
+            return []
+        self._reload()
+        return list(self._conf.search)
+
+
+def _family(ip: str) -> int:
+    return trio.socket.AF_INET6 if ipaddress.ip_address(ip).version == 6 else trio.socket.AF_INET
+
+
+async def _udp_exchange(query: bytes, server: Server) -> bytes:
+    qid = query[:2]
+    with trio.socket.socket(_family(server[0]), trio.socket.SOCK_DGRAM) as sock:
+        await sock.connect(server)  # connected: the kernel drops datagrams from elsewhere, ICMP errors surface
+        await sock.send(query)
+        for _ in range(64):  # bounded: stray datagrams with another ID are skipped
+            data, addr = await sock.recvfrom(MAX_MESSAGE)
+            if len(data) >= 12 and data[:2] == qid and data[2] & 0x80 and addr[:2] == server:
+                return data
+        raise UpstreamError(f"{server[0]}:{server[1]} sent too many unrelated datagrams")
+
+
+async def _receive_exactly(stream: trio.abc.ReceiveStream, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = await stream.receive_some(n - len(buf))
+        if not chunk:
+            raise UpstreamError(f"connection closed after {len(buf)} of {n} bytes")
+        buf += chunk
+    return bytes(buf)
+
+
+async def _tcp_exchange(query: bytes, server: Server) -> bytes:
+    sock = trio.socket.socket(_family(server[0]), trio.socket.SOCK_STREAM)
+    try:
+        await sock.connect(server)
+    except BaseException:
+        sock.close()
+        raise
+    async with trio.SocketStream(sock) as stream:
+        await stream.send_all(struct.pack("!H", len(query)) + query)
+        for _ in range(16):
+            (length,) = struct.unpack("!H", await _receive_exactly(stream, 2))
+            data = await _receive_exactly(stream, length)
+            if len(data) >= 12 and data[:2] == query[:2] and data[2] & 0x80:
+                return data
+        raise UpstreamError(f"{server[0]}:{server[1]} sent no reply with our ID over TCP")
+
+
+async def forward(
+    query: bytes,
+    upstreams: Upstreams | Iterable[Server],
+    *,
+    timeout_per_server: float = 1.0,
+    total_timeout: float = 2.5,
+    tcp: bool = False,
+) -> bytes:
+    """Ask the upstreams in order; return the first usable raw reply, or raise UpstreamError.
+
+    ``tcp=True`` skips UDP (the client came over TCP and wants the full answer).
+    A SERVFAIL/REFUSED reply moves on to the next server but is returned if no
+    server does better.  Never takes longer than ``total_timeout``.
+    """
+    if len(query) < 12 or len(query) > MAX_MESSAGE:
+        raise UpstreamError(f"refusing to forward a {len(query)}-byte message")
+    servers = upstreams.current() if isinstance(upstreams, Upstreams) else list(upstreams)
+    if not servers:
+        raise UpstreamError("no upstream DNS servers configured")
+    errors: list[str] = []
+    fallback: bytes | None = None
+    with trio.move_on_after(total_timeout):
+        for server in servers:
+            where = f"{server[0]}:{server[1]}"
+            try:
+                with trio.fail_after(timeout_per_server):
+                    if tcp:
+                        reply = await _tcp_exchange(query, server)
+                    else:
+                        reply = await _udp_exchange(query, server)
+                if is_truncated(reply) and not tcp:
+                    with trio.fail_after(timeout_per_server):
+                        reply = await _tcp_exchange(query, server)
+            except trio.TooSlowError:
+                errors.append(f"{where}: timeout")
+                continue
+            except (OSError, UpstreamError, struct.error) as exc:
+                errors.append(f"{where}: {exc}")
+                continue
+            if rcode_of(reply) in _RETRY_RCODES:
+                errors.append(f"{where}: rcode {rcode_of(reply)}")
+                fallback = fallback or reply
+                continue
+            return reply
+    if fallback is not None:
+        return fallback
+    if len(errors) < len(servers):
+        errors.append(f"gave up after {total_timeout:g}s")
+    raise UpstreamError("all upstream DNS servers failed: " + "; ".join(errors))
