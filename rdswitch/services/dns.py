@@ -254,7 +254,12 @@ def parse_zone_config(text: str) -> list[Zone]:
             raise ConfigError(f"invalid DNS zone file: zone #{i} has no name")
         try:
             zones.append(
-                Zone(item["name"], item.get("records") or {}, item.get("regexp") or [], item.get("default_ip"))
+                Zone(
+                    item["name"],
+                    {} if item.get("records") is None else item["records"],
+                    [] if item.get("regexp") is None else item["regexp"],
+                    item.get("default_ip"),
+                )
             )
         except ConfigError as exc:
             raise ConfigError(f"invalid DNS zone file, zone #{i}: {exc}") from None
