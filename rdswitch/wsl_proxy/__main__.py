@@ -100,7 +100,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help=f"seconds before an idle UDP flow is closed (default {DEFAULT_IDLE_TIMEOUT:g})")
     p.add_argument("--udp-max-flows", dest="udp_max_flows", type=_positive_int, default=DEFAULT_MAX_FLOWS,
                    help=f"UDP flows per port; the least recently used is evicted beyond it (default {DEFAULT_MAX_FLOWS})")
-    return p.parse_args(normalize_argv(_go_bools(argv), _LONG_FLAGS))
+    return p.parse_args(_go_bools(normalize_argv(argv, _LONG_FLAGS)))
 
 
 def setup_logging(logfile: str, debug: bool) -> None:
