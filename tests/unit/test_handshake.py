@@ -1,0 +1,176 @@
+import pytest
+import trio
+
+from rdswitch.config import READY, SIGNATURE
+from rdswitch.handshake import (
+    HandshakeError,
+    check_signature,
+    find_vm,
+    hvsock_guid,
+    probe,
+    serve_handshake,
+    signal_ready,
+)
+from rdswitch.transport import dial, dial_stream, listen, listen_stream
+
+
+def run(fn, *args):
+    async def main():
+        with trio.fail_after(10):
+            await fn(*args)
+
+    trio.run(main)
+
+
+def test_signature_is_exact():
+    assert len(SIGNATURE) == 53
+    assert check_signature(SIGNATURE)
+    assert check_signature(bytearray(SIGNATURE))
+    assert not check_signature(SIGNATURE[:-1])
+    assert not check_signature(SIGNATURE + b"\n")
+    assert not check_signature(b"")
+
+
+def test_hvsock_guid():
+    assert hvsock_guid(6669) == "00001a0d-facb-11e6-bd58-64006a7986d3"
+    assert hvsock_guid(6656) == "00001a00-facb-11e6-bd58-64006a7986d3"
+    assert hvsock_guid(0xFFFFFFFF) == "ffffffff-facb-11e6-bd58-64006a7986d3"
+    with pytest.raises(ValueError):
+        hvsock_guid(-1)
+    with pytest.raises(ValueError):
+        hvsock_guid(2**32)
+
+
+async def _fake_server(url, reply, *, task_status=trio.TASK_STATUS_IGNORED):
+    """Accepts connections and writes reply (or nothing, if None) to each."""
+    listener = await listen_stream(url)
+    task_status.started(listener.url)
+    async with listener:
+        while True:
+            s = await listener.accept()
+            if reply is not None:
+                await s.send_all(reply)
+                await s.aclose()
+            # reply None: keep the connection open and silent
+
+
+def test_full_handshake_then_data_link(tmp_path):
+    hs = f"unix://{tmp_path}/hs.sock"
+    data_url = f"unix://{tmp_path}/data.sock"
+    wrong = f"unix://{tmp_path}/wrong.sock"
+    silent = f"unix://{tmp_path}/silent.sock"
+    absent = f"unix://{tmp_path}/absent.sock"
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            await nursery.start(_fake_server, wrong, SIGNATURE[:-1] + b"X")
+            await nursery.start(_fake_server, silent, None)
+
+            vm_result = []
+
+            async def vm_side():
+                await serve_handshake(hs)
+                link = await dial(data_url)
+                vm_result.append(await link.receive_batch())
+                await link.send_batch([b"from-vm"])
+                await link.aclose()
+
+            async def start_vm_late():
+                await trio.sleep(0.3)  # the host is already probing
+                nursery.start_soon(vm_side)
+
+            nursery.start_soon(start_vm_late)
+            found = await find_vm([absent, wrong, silent, hs], interval=0.1, give_up=5, probe_timeout=0.5)
+            assert found == hs
+            data_listener = await listen(data_url)
+            await signal_ready(found)
+            link = await data_listener.accept()
+            await link.send_batch([b"from-host"])
+            assert await link.receive_batch() == [b"from-vm"]
+            assert vm_result == [[b"from-host"]]
+            await link.aclose()
+            await data_listener.aclose()
+            # the VM stopped listening for the handshake
+            with pytest.raises(OSError):
+                await dial_stream(hs)
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_find_vm_gives_up(tmp_path):
+    wrong = f"unix://{tmp_path}/wrong.sock"
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            await nursery.start(_fake_server, wrong, b"not the phrase")
+            t0 = trio.current_time()
+            with pytest.raises(HandshakeError, match="no VM answered"):
+                await find_vm([wrong, f"unix://{tmp_path}/none.sock"], interval=0.05, give_up=0.3)
+            assert 0.25 < trio.current_time() - t0 < 2
+            nursery.cancel_scope.cancel()
+
+    run(main)
+    with pytest.raises(HandshakeError):
+        trio.run(find_vm, [])
+
+
+def test_probe_reads_a_slow_signature_in_pieces(tmp_path):
+    url = f"unix://{tmp_path}/p.sock"
+
+    async def dribble(*, task_status=trio.TASK_STATUS_IGNORED):
+        listener = await listen_stream(url)
+        task_status.started()
+        s = await listener.accept()
+        for i in range(0, len(SIGNATURE), 10):
+            await s.send_all(SIGNATURE[i : i + 10])
+            await trio.sleep(0.01)
+        await s.aclose()
+        await listener.aclose()
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            await nursery.start(dribble)
+            assert await probe(url, timeout=2)
+
+    run(main)
+
+
+def test_serve_handshake_survives_garbage_and_probes(tmp_path):
+    url = f"unix://{tmp_path}/hs.sock"
+
+    async def main():
+        async with trio.open_nursery() as inner:
+            bound = await inner.start(serve_handshake, url)
+            assert bound == url
+            # a probe: reads the signature and hangs up
+            assert await probe(url)
+            # garbage instead of READY: the VM keeps listening
+            s = await dial_stream(url)
+            assert await s.receive_some(100) == SIGNATURE
+            await s.send_all(b"NOPE!")
+            await s.aclose()
+            assert await probe(url)
+            # READY ends serve_handshake, so the nursery exits (else fail_after fires)
+            await signal_ready(url)
+
+    run(main)
+
+
+def test_signal_ready_to_wrong_peer(tmp_path):
+    url = f"unix://{tmp_path}/w.sock"
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            await nursery.start(_fake_server, url, b"hello")
+            with pytest.raises(HandshakeError, match="did not send the handshake signature"):
+                await signal_ready(url)
+            with pytest.raises(HandshakeError, match="failed"):
+                await signal_ready(f"unix://{tmp_path}/none.sock")
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_ready_bytes():
+    assert READY == b"READY"
