@@ -1,0 +1,217 @@
+"""What the gateway's addresses answer, sans-IO.
+
+``Gateway.input(frame, now)`` takes one Ethernet frame that the switch sent to
+the gateway port and returns the frames to send back plus, for traffic that
+needs I/O (NAT flows, the DNS service), one event for the trio shell.  ARP,
+ICMP echo to the gateway IP and DHCP are answered right here.
+"""
+
+from __future__ import annotations
+
+import collections
+import ipaddress
+import struct
+
+import attrs
+
+from ..config import NetConfig
+from ..wire import arp, ethernet, icmp, ipv4, tcp, udp
+from ..wire.checksum import fold, ones_sum, pseudo_header_sum
+from ..wire.errors import MalformedPacket
+
+BROADCAST_IP = b"\xff\xff\xff\xff"
+DHCP_SERVER_PORT = 67
+DHCP_CLIENT_PORT = 68
+
+
+@attrs.define(slots=True)
+class TcpIn:
+    src_mac: bytes
+    src_ip: bytes
+    dst_ip: bytes
+    seg: tcp.Segment
+
+
+@attrs.define(slots=True)
+class UdpIn:
+    src_mac: bytes
+    src_ip: bytes
+    src_port: int
+    dst_ip: bytes
+    dst_port: int
+    payload: memoryview | bytes
+    ip_packet: memoryview | bytes  # the whole IP packet, for ICMP errors that quote it
+
+
+@attrs.define(slots=True)
+class IcmpEchoIn:
+    src_mac: bytes
+    src_ip: bytes
+    dst_ip: bytes
+    msg: icmp.IcmpMessage
+    ip_packet: memoryview | bytes
+
+
+Event = TcpIn | UdpIn | IcmpEchoIn
+
+
+class Counters:
+    """Per-session (or per-gateway) counters; a plain dict view for the API."""
+
+    def __init__(self) -> None:
+        self.values: collections.Counter[str] = collections.Counter()
+        self.drops: collections.Counter[str] = collections.Counter()
+
+    def drop(self, reason: str, n: int = 1) -> None:
+        self.drops[reason] += n
+
+    def as_dict(self) -> dict:
+        return {**self.values, "drops": dict(self.drops)}
+
+
+def _mac_dst(dst_ip: bytes, neighbors: dict[bytes, bytes]) -> bytes:
+    return neighbors.get(dst_ip, ethernet.BROADCAST)
+
+
+class Gateway:
+    def __init__(self, net: NetConfig, dhcp=None, counters: Counters | None = None) -> None:
+        self.net = net
+        self.mac = net.gateway_mac
+        self.ip = net.gateway_ip.packed
+        self.ips = frozenset(ip.packed for ip in net.gateway_ips)
+        self.dhcp = dhcp
+        self.counters = counters or Counters()
+        # IP -> MAC of the VMs, learnt from ARP, DHCP and new flows.
+        self.neighbors: dict[bytes, bytes] = {}
+        self._subnet = _SubnetContains(net.subnet)
+        self._eth_hdr_cache: dict[bytes, bytes] = {}
+        self._ident = 0
+
+    # ---- input ---------------------------------------------------------------------------
+    def input(self, frame: bytes | memoryview, now: float) -> tuple[list[bytes], Event | None]:
+        """Handle one frame for the gateway.  Raises MalformedPacket for garbage."""
+        if len(frame) < ethernet.HEADER_LEN:
+            raise MalformedPacket("ethernet-truncated", f"{len(frame)} bytes")
+        ethertype = (frame[12] << 8) | frame[13]
+        if ethertype == ethernet.TYPE_IPV4:
+            dst_mac = frame[0:6]
+            if dst_mac != self.mac and dst_mac != ethernet.BROADCAST:
+                return [], None  # flooded unicast for someone else
+            return self._input_ipv4(bytes(frame[6:12]), memoryview(frame)[14:], now)
+        if ethertype == ethernet.TYPE_ARP:
+            return self._input_arp(memoryview(frame)[14:]), None
+        self.counters.drop(f"ethertype-{ethertype:04x}")
+        return [], None
+
+    def _input_arp(self, data: memoryview) -> list[bytes]:
+        pkt = arp.parse(data)
+        if pkt.sender_ip != b"\0\0\0\0" and pkt.sender_ip in self._subnet:
+            self.neighbors[pkt.sender_ip] = pkt.sender_mac
+        if pkt.op == arp.REQUEST and pkt.target_ip in self.ips:
+            self.counters.values["arp_replies"] += 1
+            reply = arp.reply_to(pkt, self.mac)
+            return [ethernet.build(pkt.sender_mac, self.mac, ethernet.TYPE_ARP, arp.build(reply))]
+        return []
+
+    def _input_ipv4(self, src_mac: bytes, data: memoryview, now: float) -> tuple[list[bytes], Event | None]:
+        pkt = ipv4.parse(data)
+        if pkt.is_fragment:
+            self.counters.drop("ipv4-fragment")
+            return [], None
+        proto = pkt.proto
+        if proto == ipv4.PROTO_TCP:
+            seg = tcp.parse(pkt.payload)
+            if seg.flags & tcp.SYN:
+                self.neighbors[pkt.src] = src_mac
+            return [], TcpIn(src_mac, pkt.src, pkt.dst, seg)
+        if proto == ipv4.PROTO_UDP:
+            sport, dport, payload = udp.parse(pkt.payload)
+            if dport == DHCP_SERVER_PORT and (pkt.dst == BROADCAST_IP or pkt.dst == self.ip):
+                return self._input_dhcp(payload, now), None
+            if pkt.src != b"\0\0\0\0":
+                self.neighbors[pkt.src] = src_mac
+            return [], UdpIn(src_mac, pkt.src, sport, pkt.dst, dport, payload, data)
+        if proto == ipv4.PROTO_ICMP:
+            msg = icmp.parse(pkt.payload)
+            if msg.type != icmp.ECHO_REQUEST:
+                self.counters.drop(f"icmp-type-{msg.type}")
+                return [], None
+            self.neighbors[pkt.src] = src_mac
+            if pkt.dst == self.ip:
+                self.counters.values["icmp_echo_replies"] += 1
+                reply = icmp.build(icmp.echo_reply(msg))
+                return [self.ip_frame(src_mac, self.ip, pkt.src, ipv4.PROTO_ICMP, reply)], None
+            return [], IcmpEchoIn(src_mac, pkt.src, pkt.dst, msg, data)
+        self.counters.drop(f"ip-proto-{proto}")
+        return [], None
+
+    def _input_dhcp(self, payload: memoryview, now: float) -> list[bytes]:
+        if self.dhcp is None:
+            return []
+        reply = self.dhcp.handle(bytes(payload), now)
+        if reply is None:
+            return []
+        self.counters.values["dhcp_replies"] += 1
+        dst_ip = b"\xff\xff\xff\xff" if reply.broadcast else reply.dst_ip.packed
+        dst_mac = ethernet.BROADCAST if reply.broadcast else reply.dst_mac
+        if not reply.broadcast:
+            self.neighbors[dst_ip] = dst_mac
+        return [self.udp_frame(dst_mac, self.ip, DHCP_SERVER_PORT, dst_ip, DHCP_CLIENT_PORT, reply.payload)]
+
+    # ---- output --------------------------------------------------------------------------
+    def mac_for(self, ip: bytes) -> bytes:
+        return self.neighbors.get(ip, ethernet.BROADCAST)
+
+    def _next_ident(self) -> int:
+        self._ident = (self._ident + 1) & 0xFFFF
+        return self._ident
+
+    def _eth_hdr(self, dst_mac: bytes) -> bytes:
+        h = self._eth_hdr_cache.get(dst_mac)
+        if h is None:
+            h = self._eth_hdr_cache[dst_mac] = dst_mac + self.mac + b"\x08\x00"
+        return h
+
+    def ip_frame(self, dst_mac: bytes, src_ip: bytes, dst_ip: bytes, proto: int, payload: bytes | memoryview,
+                 ttl: int = 64) -> bytes:
+        return b"".join((self._eth_hdr(dst_mac),
+                         ipv4.build_header(src_ip, dst_ip, proto, len(payload), ttl=ttl, ident=self._next_ident()),
+                         payload))
+
+    def udp_frame(self, dst_mac: bytes, src_ip: bytes, src_port: int, dst_ip: bytes, dst_port: int,
+                  payload: bytes | memoryview) -> bytes:
+        return self.ip_frame(dst_mac, src_ip, dst_ip, ipv4.PROTO_UDP, udp.build(src_port, dst_port, payload, src_ip, dst_ip))
+
+    def tcp_frame(self, dst_mac: bytes, src_ip: bytes, dst_ip: bytes, seg: tcp.Segment) -> bytes:
+        """Ethernet+IPv4+TCP in one join: the payload is copied exactly once."""
+        opts = tcp._build_options(seg)
+        if len(opts) & 3:
+            opts += b"\0" * (4 - (len(opts) & 3))
+        hlen = 20 + len(opts)
+        payload = seg.payload
+        hdr = bytearray(tcp._HDR.pack(seg.src_port, seg.dst_port, seg.seq & 0xFFFFFFFF, seg.ack & 0xFFFFFFFF,
+                                      (hlen // 4) << 4, seg.flags, seg.window, 0, 0))
+        hdr += opts
+        total = hlen + len(payload)
+        s = fold(pseudo_header_sum(src_ip, dst_ip, tcp.PROTO, total), ones_sum(hdr), ones_sum(payload) if payload else 0)
+        struct.pack_into("!H", hdr, 16, ~s & 0xFFFF)
+        return b"".join((self._eth_hdr(dst_mac),
+                         ipv4.build_header(src_ip, dst_ip, ipv4.PROTO_TCP, total, ident=self._next_ident()),
+                         hdr, payload))
+
+    def icmp_unreachable(self, dst_mac: bytes, src_ip: bytes, dst_ip: bytes, code: int,
+                         original: bytes | memoryview) -> bytes:
+        return self.ip_frame(dst_mac, src_ip, dst_ip, ipv4.PROTO_ICMP, icmp.build(icmp.unreachable(code, original)))
+
+
+class _SubnetContains:
+    """Membership of 4 raw address bytes in a network, without building addresses."""
+
+    __slots__ = ("lo", "hi")
+
+    def __init__(self, net: ipaddress.IPv4Network) -> None:
+        self.lo = int(net.network_address)
+        self.hi = int(net.broadcast_address)
+
+    def __contains__(self, ip: bytes) -> bool:
+        return self.lo <= int.from_bytes(ip, "big") <= self.hi

@@ -1,0 +1,116 @@
+"""The sans-IO switch and gateway driven with frames."""
+
+import ipaddress
+
+import pytest
+
+from rdswitch.config import ConfigError, NetConfig, normalize_argv, parse_mac
+from rdswitch.stack.gateway import Gateway, IcmpEchoIn, TcpIn, UdpIn
+from rdswitch.stack.switch import Switch
+from rdswitch.wire import arp, ethernet, icmp, ipv4, tcp, udp
+from rdswitch.wire.errors import MalformedPacket
+
+NET = NetConfig()
+VM_MAC = NET.vm_mac
+VM_IP = NET.vm_ip.packed
+GW_IP = NET.gateway_ip.packed
+
+
+def eth(dst, src, payload, et=ethernet.TYPE_IPV4):
+    return ethernet.build(dst, src, et, payload)
+
+
+def test_switch_learns_and_floods():
+    sw = Switch()
+    for p in ("a", "b", "c"):
+        sw.add_port(p)
+    ma, mb = b"\x02" * 6, b"\x04" * 6
+    # unknown destination: flood to all but the sender
+    assert sorted(sw.route("a", eth(mb, ma, b""))) == ["b", "c"]
+    # b answers: a is known now, unicast goes only there
+    assert list(sw.route("b", eth(ma, mb, b""))) == ["a"]
+    assert list(sw.route("a", eth(mb, ma, b""))) == ["b"]
+    # broadcast floods
+    assert sorted(sw.route("c", eth(ethernet.BROADCAST, b"\x06" * 6, b""))) == ["a", "b"]
+    # a frame to a MAC learnt on the ingress port goes nowhere
+    assert list(sw.route("a", eth(ma, b"\x08" * 6, b""))) == []
+    sw.remove_port("b")
+    assert sw.lookup(mb) is None
+    assert sorted(sw.route("a", eth(mb, ma, b""))) == ["c"]
+
+
+def test_arp_answers_gateway_ips_only():
+    gw = Gateway(NET)
+    for target, answered in ((NET.gateway_ip, True), (NET.host_alias_ip, True),
+                             (ipaddress.IPv4Address("192.168.127.77"), False)):
+        req = arp.build(arp.ArpPacket(arp.REQUEST, VM_MAC, VM_IP, b"\0" * 6, target.packed))
+        replies, ev = gw.input(eth(ethernet.BROADCAST, VM_MAC, req, ethernet.TYPE_ARP), 0.0)
+        assert ev is None
+        assert bool(replies) == answered
+        if answered:
+            dst, src, et, payload = ethernet.parse(replies[0])
+            rep = arp.parse(payload)
+            assert (dst, src, rep.op, rep.sender_mac, rep.sender_ip) == (VM_MAC, NET.gateway_mac, arp.REPLY,
+                                                                         NET.gateway_mac, target.packed)
+    assert gw.neighbors[VM_IP] == VM_MAC
+
+
+def test_ping_gateway_answered_locally_and_others_become_events():
+    gw = Gateway(NET)
+    req = icmp.build(icmp.IcmpMessage(icmp.ECHO_REQUEST, 0, (7 << 16) | 1, b"ping!"))
+    replies, ev = gw.input(eth(NET.gateway_mac, VM_MAC, ipv4.build(VM_IP, GW_IP, 1, req)), 0.0)
+    assert ev is None and len(replies) == 1
+    pkt = ipv4.parse(memoryview(replies[0])[14:], verify=True)
+    rep = icmp.parse(pkt.payload, verify=True)
+    assert (pkt.src, pkt.dst, rep.type, rep.ident, rep.seq, bytes(rep.payload)) == (GW_IP, VM_IP, 0, 7, 1, b"ping!")
+    alias = NET.host_alias_ip.packed
+    replies, ev = gw.input(eth(NET.gateway_mac, VM_MAC, ipv4.build(VM_IP, alias, 1, req)), 0.0)
+    assert replies == [] and isinstance(ev, IcmpEchoIn) and ev.dst_ip == alias
+
+
+def test_tcp_and_udp_become_events():
+    gw = Gateway(NET)
+    dst = bytes([10, 0, 0, 1])
+    seg = tcp.build(tcp.Segment(40000, 80, 1, 0, tcp.SYN, 65535, mss=1460), VM_IP, dst)
+    _, ev = gw.input(eth(NET.gateway_mac, VM_MAC, ipv4.build(VM_IP, dst, 6, seg)), 0.0)
+    assert isinstance(ev, TcpIn) and ev.seg.mss == 1460 and ev.dst_ip == dst
+    dgram = udp.build(5000, 53, b"q", VM_IP, GW_IP)
+    _, ev = gw.input(eth(NET.gateway_mac, VM_MAC, ipv4.build(VM_IP, GW_IP, 17, dgram)), 0.0)
+    assert isinstance(ev, UdpIn) and (ev.dst_port, bytes(ev.payload)) == (53, b"q")
+
+
+def test_garbage_raises_malformed_only():
+    gw = Gateway(NET)
+    for frame in (b"\x01" * 5, eth(NET.gateway_mac, VM_MAC, b"\x45\x00"), eth(NET.gateway_mac, VM_MAC, b"\x00" * 3, 0x0806)):
+        with pytest.raises(MalformedPacket):
+            gw.input(frame, 0.0)
+    # fragments are counted and dropped
+    frag = bytearray(ipv4.build(VM_IP, GW_IP, 17, udp.build(1, 2, b"x", VM_IP, GW_IP)))
+    frag[6] = 0x20
+    assert gw.input(eth(NET.gateway_mac, VM_MAC, bytes(frag)), 0.0) == ([], None)
+    assert gw.counters.drops["ipv4-fragment"] == 1
+
+
+def test_gateway_frame_builders_checksums():
+    gw = Gateway(NET)
+    seg = tcp.Segment(80, 40000, 5, 6, tcp.ACK, 100, b"x" * 1001)
+    frame = gw.tcp_frame(VM_MAC, GW_IP, VM_IP, seg)
+    pkt = ipv4.parse(memoryview(frame)[14:], verify=True)
+    back = tcp.parse(pkt.payload, pkt.src, pkt.dst, verify=True)
+    assert bytes(back.payload) == b"x" * 1001
+
+
+def test_config_derivation_and_validation():
+    net = NetConfig(subnet="10.8.0.0/16")
+    assert (str(net.gateway_ip), str(net.vm_ip), str(net.host_alias_ip)) == ("10.8.0.1", "10.8.0.2", "10.8.0.254")
+    for bad in ("10.0.0.1/24", "10.0.0.0/30", "nonsense"):
+        with pytest.raises(ConfigError):
+            NetConfig(subnet=bad)
+    for bad in ("01:02:03:04:05", "zz:94:ef:e4:0c:ee", "01:00:00:00:00:01"):
+        with pytest.raises(ConfigError):
+            parse_mac(bad)
+    with pytest.raises(ConfigError):
+        NetConfig(mtu=100)
+    with pytest.raises(ConfigError):
+        NetConfig(mtu=70000)
+    assert normalize_argv(["-debug", "-subnet=1", "-x", "--debug"], {"debug", "subnet"}) == ["--debug", "--subnet=1", "-x", "--debug"]
