@@ -57,21 +57,25 @@ class DnsService:
 
     async def handle(self, data: bytes, *, tcp: bool = False) -> bytes | None:
         """The reply to one DNS message (full size), or None to drop it.  Never raises."""
+        return (await self._answer(data))[0]
+
+    async def _answer(self, data: bytes) -> tuple[bytes | None, dnslib.DNSRecord | None]:
         self.stats["queries"] += 1
+        query = None
         try:
-            return await self._handle(data, tcp)
+            try:
+                query = dnslib.DNSRecord.parse(data)
+            except Exception:
+                query = None
+            return await self._handle(data, query), query
         except (trio.Cancelled, KeyboardInterrupt):
             raise
         except Exception:  # a bug of ours must not take the server down
             log.exception("DNS: internal error answering a %d-byte query", len(data))
             self.stats["servfail"] += 1
-            return core.servfail(data)
+            return core.servfail(data), query
 
-    async def _handle(self, data: bytes, tcp: bool) -> bytes | None:
-        try:
-            query = dnslib.DNSRecord.parse(data)
-        except Exception:
-            query = None
+    async def _handle(self, data: bytes, query: dnslib.DNSRecord | None) -> bytes | None:
         if query is None or (not query.header.qr and query.header.opcode == 0 and len(query.questions) != 1):
             reply = core.formerr(data)
             self.stats["formerr" if reply else "dropped"] += 1
@@ -88,9 +92,10 @@ class DnsService:
             return local.pack()
         self.stats["forwarded"] += 1
         try:
+            # UDP first even for TCP clients (some home-router resolvers have no TCP);
+            # the forwarder switches to TCP when the answer is truncated.
             return await self._forward(
-                data, self.upstreams, timeout_per_server=self.timeout_per_server,
-                total_timeout=self.total_timeout, tcp=tcp,
+                data, self.upstreams, timeout_per_server=self.timeout_per_server, total_timeout=self.total_timeout
             )
         except UpstreamError as exc:
             log.warning("DNS: %s -> SERVFAIL for %s", exc, query.q.qname)
@@ -100,13 +105,10 @@ class DnsService:
     async def handle_udp(self, data: bytes, client_addr: Any = None) -> bytes | None:
         """The UDP reply to a datagram (truncated with TC to the client's EDNS0 size), or None."""
         self.stats["udp"] += 1
-        reply = await self.handle(data)
+        reply, query = await self._answer(data)
         if reply is None:
             return None
-        try:
-            limit = core.udp_payload_limit(dnslib.DNSRecord.parse(data))
-        except Exception:
-            limit = core.MIN_UDP_PAYLOAD
+        limit = core.udp_payload_limit(query)
         if len(reply) > limit:
             self.stats["truncated"] += 1
             reply = core.truncate_for_udp(reply, limit)
