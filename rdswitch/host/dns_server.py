@@ -251,7 +251,7 @@ def from_args(args: argparse.Namespace, net: NetConfig) -> DnsService:
         core.add_record(zones, name, ip)
     authority = core.DnsAuthority(zones, args.dns_ttl)
     if args.dns_upstream:
-        upstreams = Upstreams([core.parse_server(s) for s in args.dns_upstream])
+        upstreams = Upstreams([core.parse_server(s) for s in args.dns_upstream], resolv_conf=args.dns_resolv_conf)
     else:
         upstreams = Upstreams(resolv_conf=args.dns_resolv_conf)
     search = []

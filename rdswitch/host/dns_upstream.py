@@ -35,7 +35,10 @@ class UpstreamError(Exception):
 
 
 class Upstreams:
-    """The current upstream servers: fixed, or from a resolv.conf that is re-read when it changes."""
+    """The current upstream servers: fixed, or from a resolv.conf that is re-read when it changes.
+
+    With both, the servers are the fixed ones and the resolv.conf only gives search domains.
+    """
 
     def __init__(
         self,
@@ -52,7 +55,7 @@ class Upstreams:
         self._last_check = float("-inf")
         self._stamp: tuple | None = None
         self._conf = ResolvConf()
-        if self._fixed is None and self.path is not None:
+        if self.path is not None:
             self._reload(force=True)
 
     @property
@@ -91,8 +94,8 @@ class Upstreams:
         return list(self._conf.nameservers)
 
     def search(self) -> list[str]:
-        """Search domains of the resolv.conf (empty for fixed upstreams)."""
-        if self._fixed is not None or self.path is None:
+        """Search domains of the resolv.conf (also when the servers are fixed)."""
+        if self.path is None:
             return []
         self._reload()
         return list(self._conf.search)

@@ -497,3 +497,13 @@ def test_from_args(tmp_path):
 def test_from_args_errors(argv, msg):
     with pytest.raises(ConfigError, match=msg):
         dns_server.from_args(parse(argv), NET)
+
+
+def test_fixed_upstreams_still_take_search_domains_from_resolv_conf(tmp_path):
+    rc = tmp_path / "resolv.conf"
+    rc.write_text("search corp.example\nnameserver 127.0.0.9\n")
+    svc = dns_server.from_args(parse(["--dns-upstream", "127.0.0.1:5353", "--dns-resolv-conf", str(rc)]), NET)
+    assert svc.upstreams.current() == [("127.0.0.1", 5353)]
+    assert svc.search_domains() == ["corp.example"]
+    svc = dns_server.from_args(parse(["--dns-resolv-conf", str(tmp_path / "missing")]), NET)
+    assert svc.upstreams.current() == [] and svc.search_domains() == []
