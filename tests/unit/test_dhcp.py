@@ -165,6 +165,18 @@ def test_init_reboot_with_wrong_address_is_naked_then_client_gets_right_one():
     assert [wire.parse(o.payload).message_type for o in net.sent] == [wire.REQUEST, wire.DISCOVER, wire.REQUEST]
 
 
+def test_init_reboot_for_another_free_address_than_its_lease_is_naked():
+    server = DhcpServer(NetConfig())
+    _, [ev] = dora(server, OTHER_MAC)
+    assert ev.lease.ip == IP("192.168.127.3")
+    reply = server.handle(raw_msg(wire.REQUEST, mac=OTHER_MAC, options={wire.OPT_REQUESTED_IP: IP("192.168.127.50").packed}), 1.0)
+    msg = wire.parse(reply.payload)
+    assert msg.message_type == wire.NAK and "not your lease" in msg.message
+    # and renewing someone else's address is refused too
+    reply = server.handle(raw_msg(wire.REQUEST, mac=OTHER_MAC, ciaddr=IP("192.168.127.50")), 1.0)
+    assert wire.parse(reply.payload).message_type == wire.NAK
+
+
 def test_init_reboot_with_right_address_is_acked_directly():
     server = DhcpServer(NetConfig())
     client = DhcpClient(OTHER_MAC, xid=3)
@@ -531,7 +543,7 @@ def test_domain_search_compression_pointers():
     assert wire.decode_domain_search(data) == ("eng.apple.com", "marketing.apple.com")
     # a pointer to itself / forwards / a loop is refused, never followed forever
     for bad in (b"\xc0\x00", b"\x01a\xc0\x00", b"\x01a\x00\xc0\x05\x01b\xc0\x02", b"\x01a\x00\x01b\xc0\x07"):
-        with pytest.raises(MalformedPacket):
+        with pytest.raises(MalformedPacket, match="pointer"):
             wire.decode_domain_search(bad)
     # chained pointers (each strictly backwards) are fine
     chained = b"\x03com\x00" + b"\x05apple\xc0\x00" + b"\x03eng\xc0\x05"
