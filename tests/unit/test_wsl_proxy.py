@@ -3,7 +3,6 @@ plus the trio shell driven in-process over 127.0.0.0/8 only."""
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import socket
@@ -433,3 +432,31 @@ def test_bind_error_other_than_in_use_is_reported():
         assert ok is False and proxy.ports == {}
 
     run_with_proxy(test)
+
+
+def test_control_socket_needs_no_half_close(tmp_path):
+    """Like the incumbent's streaming decoder: a client that writes one JSON
+    object and waits (without shutting down its side) gets it applied, and the
+    proxy then closes the connection."""
+    port = free_port()
+    path = str(tmp_path / "ctl.sock")
+
+    async def main():
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                sock = trio.socket.socket(socket.AF_UNIX)
+                await sock.bind(path)
+                sock.listen()
+                proxy = Proxy(UP, localhosts=V4_ONLY)
+                await nursery.start(proxy.serve, trio.SocketListener(sock))
+                client = await trio.open_unix_socket(path)
+                await client.send_all(json.dumps({"ports": {"80/tcp": [{"HostPort": str(port)}]}}).encode())
+                assert await client.receive_some(10) == b""  # closed once applied
+                await client.aclose()
+                assert list(proxy.ports) == [("tcp", port)]
+                nursery.cancel_scope.cancel()
+            assert proxy.ports == {}
+            with pytest.raises(ConnectionRefusedError):  # stopping the proxy closed the listener
+                socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+    trio.run(main)
