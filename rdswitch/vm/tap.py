@@ -1,0 +1,79 @@
+"""The tap device and its netlink configuration (vm-switch side).
+
+Netlink calls are blocking; every function here that talks netlink is meant to
+run inside ``trio.to_thread.run_sync`` and creates, uses and closes its own
+``IPRoute`` in that thread (pyroute2's async API does not run under trio).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+
+from pyroute2 import IPRoute
+
+TUNSETIFF = 0x400454CA
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+
+
+class TapError(RuntimeError):
+    pass
+
+
+def link_exists(name: str) -> bool:
+    with IPRoute() as ipr:
+        return bool(ipr.link_lookup(ifname=name))
+
+
+def open_tap(name: str) -> int:
+    """Create tap ``name`` (not persistent: it vanishes when the fd closes); return the non-blocking fd."""
+    if len(name.encode()) > 15:
+        raise TapError(f"interface name {name!r} is longer than 15 bytes")
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TAP | IFF_NO_PI))
+    except OSError as exc:
+        os.close(fd)
+        raise TapError(f"cannot create tap {name!r}: {exc}") from exc
+    return fd
+
+
+def setup_link(name: str, mac: str, mtu: int) -> None:
+    """Set MAC and MTU, bring the tap and ``lo`` up."""
+    with IPRoute() as ipr:
+        lo = ipr.link_lookup(ifname="lo")
+        if lo:
+            ipr.link("set", index=lo[0], state="up")
+        idx = ipr.link_lookup(ifname=name)
+        if not idx:
+            raise TapError(f"tap {name!r} disappeared")
+        ipr.link("set", index=idx[0], address=mac, mtu=mtu)
+        ipr.link("set", index=idx[0], state="up")
+
+
+def configure_address(name: str, ip: str, prefixlen: int, router: str | None, mtu: int | None) -> None:
+    """Replace eth0's IPv4 addresses with ``ip/prefixlen``; default route via ``router``."""
+    with IPRoute() as ipr:
+        idx = ipr.link_lookup(ifname=name)
+        if not idx:
+            raise TapError(f"tap {name!r} disappeared")
+        idx = idx[0]
+        if mtu:
+            ipr.link("set", index=idx, mtu=mtu)
+        current = [(a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr(index=idx, family=2)]
+        for addr, plen in current:
+            if (addr, plen) != (ip, prefixlen):
+                ipr.addr("del", index=idx, address=addr, prefixlen=plen)
+        if (ip, prefixlen) not in current:
+            ipr.addr("add", index=idx, address=ip, prefixlen=prefixlen)
+        if router:
+            ipr.route("replace", dst="0.0.0.0/0", gateway=router, oif=idx)
+
+
+def flush_addresses(name: str) -> None:
+    with IPRoute() as ipr:
+        idx = ipr.link_lookup(ifname=name)
+        if idx:
+            ipr.flush_addr(index=idx[0], family=2)
