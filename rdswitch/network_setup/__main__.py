@@ -1,0 +1,246 @@
+"""network-setup: handshake, data connection, namespace + veth, vm-switch and init.
+
+Sequence (SPEC.md): remove a stale host veth; answer the handshake until the
+host sends READY; dial the host's data connection; create the namespace and
+the veth pair; start vm-switch inside the namespace with the connection's fd;
+start the distro's init there under ``unshare``; wait.  When vm-switch exits,
+or on SIGTERM/SIGINT, stop the children and remove the veth, the namespace and
+the pid file.  Exit status: 0 after a signal, 1 when setup failed or
+vm-switch exited on its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+
+import attrs
+import trio
+
+from .. import transport
+from ..config import ConfigError
+from ..errors import describe
+from ..handshake import HandshakeError, serve_handshake
+from . import links
+from .children import stop_process
+from .options import Options, init_command, parse_args, vm_switch_command
+
+log = logging.getLogger("rdswitch.network_setup")
+
+DIAL_INTERVAL = 0.5
+
+
+class SetupError(Exception):
+    """Setup failed; str() is the message for the log."""
+
+
+@attrs.define
+class State:
+    """What has been created so far, so teardown undoes exactly that."""
+
+    netns_created: bool = False
+    veth_created: bool = False
+    data_fd: int = -1
+    vm_switch: trio.Process | None = None
+    init: trio.Process | None = None
+    pid_file_written: bool = False
+    exit_code: int = 0
+
+
+def setup_logging(debug: bool, logfile: str | None) -> None:
+    fmt = logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s")
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    err = logging.StreamHandler(sys.stderr)
+    err.setLevel(logging.DEBUG if debug else logging.WARNING)
+    err.setFormatter(fmt)
+    root.addHandler(err)
+    if logfile:
+        try:
+            fh = logging.FileHandler(logfile)
+        except OSError as exc:
+            log.warning("cannot open log file %s (%s); logging to stderr only", logfile, exc.strerror or exc)
+        else:
+            fh.setFormatter(fmt)
+            root.addHandler(fh)
+    for noisy in ("pyroute2", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def write_pid_file(path: str, pid: int) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(f"{pid}\n")
+    os.replace(tmp, path)
+
+
+async def dial_host(url: str, attempts: int) -> int:
+    """Dial the data connection; return its fd (ours to close or hand on)."""
+    last: Exception | None = None
+    for attempt in range(attempts):
+        try:
+            stream = await transport.dial_stream(url)
+        except (OSError, ConfigError) as exc:
+            last = exc
+            log.warning("dialling the host at %s failed (attempt %d/%d): %s", url, attempt + 1, attempts, exc)
+            if attempt + 1 < attempts:
+                await trio.sleep(DIAL_INTERVAL)
+            continue
+        return stream.socket.detach()
+    raise SetupError(f"cannot open the data connection to {url}: {last}")
+
+
+async def setup(opts: Options, st: State) -> None:
+    # 1. a stale host veth from an earlier run
+    if await trio.to_thread.run_sync(links.delete_link, opts.veth_host_name):
+        log.info("removed stale %s", opts.veth_host_name)
+    if await trio.to_thread.run_sync(links.netns_exists, opts.netns):
+        log.warning("network namespace %s exists already (stale); replacing it", opts.netns)
+        await trio.to_thread.run_sync(links.remove_netns, opts.netns)
+
+    # 2. the handshake
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(serve_handshake, opts.handshake_listen)
+        log.info("waiting for the host's handshake on %s", url)
+    log.info("handshake done; dialling the host at %s", opts.host_url)
+
+    # 3. the data connection
+    st.data_fd = await dial_host(opts.host_url, opts.dial_attempts)
+    log.info("data connection open (fd %d)", st.data_fd)
+
+    # 4. namespace and veth pair
+    await trio.to_thread.run_sync(links.create_netns, opts.netns)
+    st.netns_created = True
+    log.info("created network namespace %s", opts.netns)
+    st.veth_created = True  # from here on, teardown tries to remove it
+    await trio.to_thread.run_sync(links.setup_veth, opts.netns, opts.veth_host_name, opts.veth_ns_name,
+                                  opts.veth_host_address, opts.veth_ns_address)
+    log.info("veth %s %s <-> %s %s (in %s)", opts.veth_host_name, opts.veth_host_address,
+             opts.veth_ns_name, opts.veth_ns_address, opts.netns)
+
+    # 5. vm-switch, handed the data connection
+    cmd = vm_switch_command(opts, st.data_fd)
+    log.info("starting vm-switch: %s", " ".join(cmd))
+    try:
+        st.vm_switch = await trio.lowlevel.open_process(cmd, pass_fds=(st.data_fd,), stdin=subprocess.DEVNULL)
+    except OSError as exc:
+        raise SetupError(f"cannot start vm-switch ({' '.join(cmd)}): {exc}") from None
+    os.close(st.data_fd)  # vm-switch owns the connection now
+    st.data_fd = -1
+
+    # 6. the distro's init
+    cmd = init_command(opts)
+    if cmd is not None:
+        log.info("starting init: %s", " ".join(cmd))
+        try:
+            st.init = await trio.lowlevel.open_process(cmd, stdin=subprocess.DEVNULL)
+        except OSError as exc:
+            raise SetupError(f"cannot start init: {exc}") from None
+        if opts.pid_file:
+            try:
+                write_pid_file(opts.pid_file, st.init.pid)
+            except OSError as exc:
+                raise SetupError(f"cannot write pid file {opts.pid_file}: {exc}") from None
+            st.pid_file_written = True
+            log.info("init (unshare) pid %d written to %s", st.init.pid, opts.pid_file)
+
+
+async def run(opts: Options, st: State) -> None:
+    """Set up, then wait for vm-switch to exit (a signal cancels this from outside)."""
+    try:
+        await setup(opts, st)
+    except (SetupError, links.LinkError, HandshakeError, ConfigError) as exc:
+        log.error("%s", exc)
+        st.exit_code = 1
+        return
+    except OSError as exc:
+        log.error("setup failed: %s", describe(exc))
+        st.exit_code = 1
+        return
+    assert st.vm_switch is not None
+    async with trio.open_nursery() as nursery:
+        if st.init is not None:
+            nursery.start_soon(watch_init, st.init)
+        code = await st.vm_switch.wait()
+        nursery.cancel_scope.cancel()
+    log.error("vm-switch exited with status %s; shutting down", code)
+    st.exit_code = 1
+
+
+async def watch_init(proc: trio.Process) -> None:
+    code = await proc.wait()
+    log.warning("init (unshare, pid %d) exited with status %s", proc.pid, code)
+
+
+async def teardown(opts: Options, st: State) -> None:
+    """Undo what setup did; every step bounded, every step tried."""
+    if st.data_fd >= 0:
+        with contextlib.suppress(OSError):
+            os.close(st.data_fd)
+        st.data_fd = -1
+    async with trio.open_nursery() as nursery:
+        if st.init is not None:
+            nursery.start_soon(lambda: stop_process(st.init, "init", opts.stop_timeout, with_children=True))
+        if st.vm_switch is not None:
+            nursery.start_soon(lambda: stop_process(st.vm_switch, "vm-switch", opts.stop_timeout))
+    if st.pid_file_written and opts.pid_file:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(opts.pid_file)
+    if st.veth_created:
+        try:
+            if await trio.to_thread.run_sync(links.delete_link, opts.veth_host_name):
+                log.info("removed %s", opts.veth_host_name)
+        except (links.LinkError, OSError) as exc:
+            log.error("%s", exc)
+    if st.netns_created:
+        try:
+            if await trio.to_thread.run_sync(links.remove_netns, opts.netns):
+                log.info("removed network namespace %s", opts.netns)
+        except (links.LinkError, OSError) as exc:
+            log.error("%s", exc)
+
+
+async def amain(opts: Options) -> int:
+    st = State()
+    try:
+        async with trio.open_nursery() as nursery:
+
+            async def on_signals(task_status=trio.TASK_STATUS_IGNORED) -> None:
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    task_status.started()
+                    async for sig in signals:
+                        log.info("got %s, shutting down", signal.Signals(sig).name)
+                        nursery.cancel_scope.cancel()
+                        return
+
+            async def main_flow() -> None:
+                await run(opts, st)
+                nursery.cancel_scope.cancel()
+
+            await nursery.start(on_signals)
+            nursery.start_soon(main_flow)
+    finally:
+        with trio.CancelScope(shield=True):
+            await teardown(opts, st)
+    log.info("network-setup done (exit %d)", st.exit_code)
+    return st.exit_code
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parse_args(sys.argv[1:] if argv is None else argv)
+    setup_logging(opts.debug, opts.logfile)
+    if os.geteuid() != 0:
+        log.error("network-setup needs root (it creates a network namespace and a veth pair)")
+        return 1
+    try:
+        return trio.run(amain, opts)
+    except KeyboardInterrupt:  # a second ^C during teardown
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

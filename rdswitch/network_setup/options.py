@@ -1,0 +1,257 @@
+"""network-setup's flags and the command lines of its children (pure functions).
+
+Everything here is side-effect free so it can be unit-tested: argument
+parsing and validation, the vm-switch command line, and the init command
+line (``ip netns exec NS unshare --pid --mount-proc --fork --propagation
+slave ARGS...``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import re
+import shlex
+import sys
+
+import attrs
+
+from ..config import (
+    DATA_PORT,
+    DEFAULT_SUBNET,
+    DEFAULT_VM_MAC,
+    HANDSHAKE_PORT,
+    ConfigError,
+    NetConfig,
+    format_mac,
+    normalize_argv,
+    parse_mac,
+)
+from ..transport import parse_url
+
+DEFAULT_HANDSHAKE_LISTEN = f"vsock://:{HANDSHAKE_PORT}"
+DEFAULT_HOST_URL = f"vsock://2:{DATA_PORT}"
+DEFAULT_NETNS = "rd-netns"
+DEFAULT_VETH_HOST = "veth-rd0"
+DEFAULT_VETH_NS = "veth-rd1"
+DEFAULT_VETH_HOST_ADDRESS = "192.168.1.1/24"
+DEFAULT_VETH_NS_ADDRESS = "192.168.1.2/24"
+DEFAULT_PID_FILE = "/run/wsl-init.pid"
+DEFAULT_LOGFILE = "/var/log/network-setup.log"
+DEFAULT_VM_SWITCH_LOGFILE = "/var/log/vm-switch.log"
+DEFAULT_STOP_TIMEOUT = 2.0
+
+#: The fixed part of the init command (SPEC.md "network-setup flags").
+UNSHARE_PREFIX = ("unshare", "--pid", "--mount-proc", "--fork", "--propagation", "slave")
+
+LONG_FLAGS = {
+    "debug", "tap-interface", "subnet", "tap-mac-address", "vm-switch-path", "vm-switch-logfile", "unshare-arg",
+    "logfile", "handshake-listen", "host-url", "netns", "veth-host-name", "veth-ns-name", "veth-host-address",
+    "veth-ns-address", "pid-file", "stop-timeout", "dial-attempts",
+}
+
+# Linux interface names: 1..15 bytes, no '/', no whitespace, not "." or "..".
+_IFNAME_RE = re.compile(r"^[^/\s:]{1,15}$")
+# Namespace names become files under /run/netns.
+_NETNS_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+@attrs.frozen
+class Options:
+    debug: bool
+    tap_interface: str
+    subnet: str
+    tap_mac_address: str
+    vm_switch_path: str | None
+    vm_switch_logfile: str | None
+    unshare_args: tuple[str, ...]  # empty: start no init
+    logfile: str | None
+    handshake_listen: str
+    host_url: str
+    netns: str
+    veth_host_name: str
+    veth_ns_name: str
+    veth_host_address: ipaddress.IPv4Interface
+    veth_ns_address: ipaddress.IPv4Interface
+    pid_file: str | None
+    stop_timeout: float
+    dial_attempts: int
+
+
+def check_ifname(name: str, flag: str) -> str:
+    if not _IFNAME_RE.match(name) or name in (".", ".."):
+        raise ConfigError(f"invalid {flag} {name!r}: an interface name is 1-15 characters without '/', ':' or spaces")
+    return name
+
+
+def check_netns(name: str) -> str:
+    if not _NETNS_RE.match(name) or name in (".", ".."):
+        raise ConfigError(f"invalid --netns {name!r}: use 1-64 letters, digits, '.', '_' or '-'")
+    return name
+
+
+def parse_interface_address(text: str, flag: str) -> ipaddress.IPv4Interface:
+    if "/" not in text:
+        raise ConfigError(f"invalid {flag} {text!r}: expected an IPv4 address with a prefix length, like 192.168.1.1/24")
+    try:
+        iface = ipaddress.IPv4Interface(text)
+    except ValueError as exc:
+        raise ConfigError(f"invalid {flag} {text!r}: {exc}") from None
+    if iface.network.prefixlen == 32:
+        raise ConfigError(f"invalid {flag} {text!r}: a /32 leaves no room for the other end of the veth")
+    return iface
+
+
+def parse_unshare_arg(text: str | None) -> tuple[str, ...]:
+    if text is None or not text.strip():
+        return ()
+    try:
+        return tuple(shlex.split(text))
+    except ValueError as exc:
+        raise ConfigError(f"invalid --unshare-arg {text!r}: {exc}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m rdswitch.network_setup",
+        description="Answer the host's handshake, open the data connection, create the network namespace and veth "
+                    "pair, and start vm-switch and the distro's init inside it.",
+    )
+    p.add_argument("--debug", action="store_true", help="verbose logging, also to stderr")
+    p.add_argument("--tap-interface", default="eth0", help="tap device vm-switch creates (default eth0)")
+    p.add_argument("--subnet", default=DEFAULT_SUBNET, help=f"virtual subnet (default {DEFAULT_SUBNET})")
+    p.add_argument("--tap-mac-address", default=DEFAULT_VM_MAC, help=f"MAC of the tap (default {DEFAULT_VM_MAC})")
+    p.add_argument("--vm-switch-path", default=None,
+                   help="vm-switch program to run (default: this Python with -m rdswitch.vm)")
+    p.add_argument("--vm-switch-logfile", default=DEFAULT_VM_SWITCH_LOGFILE,
+                   help=f"vm-switch's log file (default {DEFAULT_VM_SWITCH_LOGFILE}; empty: none)")
+    p.add_argument("--unshare-arg", default=None,
+                   help="command (split like a shell) that 'unshare --pid --mount-proc --fork --propagation slave' "
+                        "runs inside the namespace, e.g. /sbin/init; none: start no init")
+    p.add_argument("--logfile", default=DEFAULT_LOGFILE, help=f"log file (default {DEFAULT_LOGFILE}; empty: none)")
+    p.add_argument("--handshake-listen", default=DEFAULT_HANDSHAKE_LISTEN,
+                   help=f"where to answer the handshake (default {DEFAULT_HANDSHAKE_LISTEN})")
+    p.add_argument("--host-url", default=DEFAULT_HOST_URL,
+                   help=f"the host's data connection, dialled after READY (default {DEFAULT_HOST_URL})")
+    p.add_argument("--netns", default=DEFAULT_NETNS, help=f"network namespace to create (default {DEFAULT_NETNS})")
+    p.add_argument("--veth-host-name", default=DEFAULT_VETH_HOST, help=f"veth end in this namespace (default {DEFAULT_VETH_HOST})")
+    p.add_argument("--veth-ns-name", default=DEFAULT_VETH_NS, help=f"veth end inside the namespace (default {DEFAULT_VETH_NS})")
+    p.add_argument("--veth-host-address", default=DEFAULT_VETH_HOST_ADDRESS,
+                   help=f"address of the host veth end (default {DEFAULT_VETH_HOST_ADDRESS})")
+    p.add_argument("--veth-ns-address", default=DEFAULT_VETH_NS_ADDRESS,
+                   help=f"address of the namespace veth end (default {DEFAULT_VETH_NS_ADDRESS})")
+    p.add_argument("--pid-file", default=DEFAULT_PID_FILE,
+                   help=f"where to write the unshare process's pid (default {DEFAULT_PID_FILE}; empty: none)")
+    p.add_argument("--stop-timeout", default=str(DEFAULT_STOP_TIMEOUT),
+                   help=f"seconds children get to exit after SIGTERM before SIGKILL (default {DEFAULT_STOP_TIMEOUT:g})")
+    p.add_argument("--dial-attempts", default="10", help="tries (0.5 s apart) to dial the host after READY (default 10)")
+    return p
+
+
+def _parse_float(text: str, flag: str, lo: float, hi: float) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"invalid {flag} {text!r}: not a number") from None
+    if not lo <= value <= hi:
+        raise ConfigError(f"invalid {flag} {text!r}: must be {lo:g}..{hi:g}")
+    return value
+
+
+def validate(ns: argparse.Namespace) -> Options:
+    """Turn parsed flags into Options; raise ConfigError with a message for the user."""
+    NetConfig(subnet=ns.subnet)  # raises ConfigError for a bad subnet
+    mac = format_mac(parse_mac(ns.tap_mac_address))
+    for flag, url in (("--handshake-listen", ns.handshake_listen), ("--host-url", ns.host_url)):
+        try:
+            ep = parse_url(url)
+        except ConfigError as exc:
+            raise ConfigError(f"{flag}: {exc}") from None
+        if ep.scheme == "fd":
+            raise ConfigError(f"{flag}: {url!r}: fd:// URLs cannot be used here")
+    if ns.host_url.startswith("vsock://") and parse_url(ns.host_url).cid is None:
+        raise ConfigError(f"--host-url {ns.host_url!r}: a vsock URL to dial needs a CID (the host is vsock://2:PORT)")
+    host_name = check_ifname(ns.veth_host_name, "--veth-host-name")
+    ns_name = check_ifname(ns.veth_ns_name, "--veth-ns-name")
+    tap = check_ifname(ns.tap_interface, "--tap-interface")
+    if tap == ns_name:
+        raise ConfigError(f"--tap-interface and --veth-ns-name are both {tap!r}; they live in the same namespace")
+    host_addr = parse_interface_address(ns.veth_host_address, "--veth-host-address")
+    ns_addr = parse_interface_address(ns.veth_ns_address, "--veth-ns-address")
+    if host_addr.ip == ns_addr.ip:
+        raise ConfigError(f"--veth-host-address and --veth-ns-address are the same address {host_addr.ip}")
+    if ns.vm_switch_path is not None and not ns.vm_switch_path.strip():
+        raise ConfigError("--vm-switch-path is empty")
+    dial_attempts = int(_parse_float(ns.dial_attempts, "--dial-attempts", 1, 1000))
+    return Options(
+        debug=ns.debug,
+        tap_interface=tap,
+        subnet=ns.subnet,
+        tap_mac_address=mac,
+        vm_switch_path=ns.vm_switch_path,
+        vm_switch_logfile=ns.vm_switch_logfile or None,
+        unshare_args=parse_unshare_arg(ns.unshare_arg),
+        logfile=ns.logfile or None,
+        handshake_listen=ns.handshake_listen,
+        host_url=ns.host_url,
+        netns=check_netns(ns.netns),
+        veth_host_name=host_name,
+        veth_ns_name=ns_name,
+        veth_host_address=host_addr,
+        veth_ns_address=ns_addr,
+        pid_file=ns.pid_file or None,
+        stop_timeout=_parse_float(ns.stop_timeout, "--stop-timeout", 0, 600),
+        dial_attempts=dial_attempts,
+    )
+
+
+_TRUE = ("1", "t", "true", "yes")
+_FALSE = ("0", "f", "false", "no")
+
+
+def go_bools(argv: list[str]) -> list[str]:
+    """Go's flag package accepts ``-debug=true`` / ``-debug=false``; map them onto ``--debug`` / nothing."""
+    out = []
+    for arg in argv:
+        if arg.startswith("--debug="):
+            value = arg.split("=", 1)[1].lower()
+            if value in _TRUE:
+                arg = "--debug"
+            elif value in _FALSE:
+                continue
+        out.append(arg)
+    return out
+
+
+def parse_args(argv: list[str]) -> Options:
+    """Parse argv (single-dash incumbent spellings accepted); exit 2 with a message on bad input."""
+    parser = build_parser()
+    ns = parser.parse_args(go_bools(normalize_argv(list(argv), LONG_FLAGS)))
+    try:
+        return validate(ns)
+    except ConfigError as exc:
+        parser.error(str(exc))
+        raise  # pragma: no cover - parser.error exits
+
+
+def ns_exec(netns: str, cmd: list[str] | tuple[str, ...]) -> list[str]:
+    return ["ip", "netns", "exec", netns, *cmd]
+
+
+def vm_switch_command(opts: Options, fd: int, python: str = sys.executable) -> list[str]:
+    """vm-switch's command line, run inside the namespace, reading the data connection from ``fd``."""
+    prog = [opts.vm_switch_path] if opts.vm_switch_path else [python, "-m", "rdswitch.vm"]
+    cmd = [*prog, "--tap-interface", opts.tap_interface, "--tap-mac-address", opts.tap_mac_address,
+           "--subnet", opts.subnet, "--connect", f"fd://{fd}"]
+    if opts.debug:
+        cmd.append("--debug")
+    if opts.vm_switch_logfile:
+        cmd += ["--logfile", opts.vm_switch_logfile]
+    return ns_exec(opts.netns, cmd)
+
+
+def init_command(opts: Options) -> list[str] | None:
+    """The distro init's command line, or None when no --unshare-arg was given."""
+    if not opts.unshare_args:
+        return None
+    return ns_exec(opts.netns, [*UNSHARE_PREFIX, *opts.unshare_args])

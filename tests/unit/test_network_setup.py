@@ -1,0 +1,203 @@
+"""network-setup's pure parts: flags, validation, the children's command lines."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import subprocess
+import sys
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from rdswitch.config import ConfigError
+from rdswitch.network_setup import children
+from rdswitch.network_setup.options import (
+    UNSHARE_PREFIX,
+    build_parser,
+    go_bools,
+    init_command,
+    parse_args,
+    parse_interface_address,
+    parse_unshare_arg,
+    validate,
+    vm_switch_command,
+)
+
+
+def test_defaults_follow_the_spec():
+    o = parse_args([])
+    assert o.tap_interface == "eth0"
+    assert o.subnet == "192.168.127.0/24"
+    assert o.tap_mac_address == "5a:94:ef:e4:0c:ee"
+    assert o.handshake_listen == "vsock://:6669"
+    assert o.host_url == "vsock://2:6656"
+    assert o.netns == "rd-netns"
+    assert (o.veth_host_name, o.veth_ns_name) == ("veth-rd0", "veth-rd1")
+    assert o.veth_host_address == ipaddress.IPv4Interface("192.168.1.1/24")
+    assert o.veth_ns_address == ipaddress.IPv4Interface("192.168.1.2/24")
+    assert o.pid_file == "/run/wsl-init.pid"
+    assert o.logfile == "/var/log/network-setup.log"
+    assert o.vm_switch_logfile == "/var/log/vm-switch.log"
+    assert o.unshare_args == ()
+    assert o.debug is False
+
+
+def test_incumbent_single_dash_flags():
+    o = parse_args(["-debug", "-tap-interface", "eth1", "-subnet", "10.0.0.0/16", "-tap-mac-address", "02:00:00:00:00:01",
+                    "-vm-switch-path", "/usr/local/bin/vm-switch", "-vm-switch-logfile", "/tmp/vm.log",
+                    "-unshare-arg", "/sbin/init --foo", "-logfile=/tmp/ns.log"])
+    assert o.debug
+    assert o.tap_interface == "eth1"
+    assert o.subnet == "10.0.0.0/16"
+    assert o.tap_mac_address == "02:00:00:00:00:01"
+    assert o.vm_switch_path == "/usr/local/bin/vm-switch"
+    assert o.vm_switch_logfile == "/tmp/vm.log"
+    assert o.unshare_args == ("/sbin/init", "--foo")
+    assert o.logfile == "/tmp/ns.log"
+
+
+@pytest.mark.parametrize("arg,expected", [("-debug=true", True), ("-debug=false", False), ("--debug=1", True),
+                                          ("-debug=f", False), ("-debug", True)])
+def test_go_style_bool(arg, expected):
+    assert parse_args([arg]).debug is expected
+
+
+def test_go_bools_leaves_other_flags():
+    assert go_bools(["--subnet=x", "--debug=maybe"]) == ["--subnet=x", "--debug=maybe"]
+
+
+def test_mac_is_normalized():
+    assert parse_args(["--tap-mac-address", "5A-94-EF-E4-0C-EE"]).tap_mac_address == "5a:94:ef:e4:0c:ee"
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--subnet", "10.0.0.0/28"], "invalid subnet"),
+    (["--subnet", "10.0.0.1/24"], "invalid subnet"),
+    (["--subnet", "nonsense"], "invalid subnet"),
+    (["--tap-mac-address", "zz"], "invalid MAC"),
+    (["--tap-mac-address", "01:00:5e:00:00:01"], "multicast"),
+    (["--host-url", "http://x"], "--host-url"),
+    (["--host-url", "fd://3"], "fd:// URLs cannot"),
+    (["--host-url", "vsock://:6656"], "needs a CID"),
+    (["--handshake-listen", "nope"], "--handshake-listen"),
+    (["--veth-host-name", "a-name-longer-than-15"], "--veth-host-name"),
+    (["--veth-ns-name", "a/b"], "--veth-ns-name"),
+    (["--tap-interface", ""], "--tap-interface"),
+    (["--tap-interface", "veth-rd1"], "same namespace"),
+    (["--netns", "../etc"], "--netns"),
+    (["--netns", ".."], "--netns"),
+    (["--veth-host-address", "192.168.1.1"], "prefix length"),
+    (["--veth-host-address", "192.168.1.300/24"], "--veth-host-address"),
+    (["--veth-ns-address", "192.168.1.2/32"], "/32"),
+    (["--veth-ns-address", "192.168.1.1/24"], "same address"),
+    (["--unshare-arg", "sh -c 'unterminated"], "--unshare-arg"),
+    (["--stop-timeout", "-1"], "--stop-timeout"),
+    (["--stop-timeout", "abc"], "not a number"),
+    (["--dial-attempts", "0"], "--dial-attempts"),
+    (["--vm-switch-path", " "], "--vm-switch-path"),
+])
+def test_bad_input_is_a_clear_error(argv, needle, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_args(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert needle in err
+    assert "Traceback" not in err
+
+
+def test_bad_input_from_the_command_line_has_no_traceback():
+    res = subprocess.run([sys.executable, "-m", "rdswitch.network_setup", "-subnet", "300.1.2.0/24"],
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 2
+    assert "invalid subnet" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_vm_switch_command_default_program():
+    o = parse_args(["--netns", "ns1", "--tap-interface", "eth7", "--vm-switch-logfile", "/tmp/v.log"])
+    cmd = vm_switch_command(o, 9, python="/py")
+    assert cmd[:4] == ["ip", "netns", "exec", "ns1"]
+    assert cmd[4:7] == ["/py", "-m", "rdswitch.vm"]
+    rest = cmd[7:]
+    pairs = dict(zip(rest[::2], rest[1::2]))
+    assert pairs == {"--tap-interface": "eth7", "--tap-mac-address": "5a:94:ef:e4:0c:ee",
+                     "--subnet": "192.168.127.0/24", "--connect": "fd://9", "--logfile": "/tmp/v.log"}
+    assert "--debug" not in cmd
+
+
+def test_vm_switch_command_path_debug_and_no_logfile():
+    o = parse_args(["--vm-switch-path", "/opt/vm-switch", "--debug", "--vm-switch-logfile", ""])
+    cmd = vm_switch_command(o, 3)
+    assert cmd[4] == "/opt/vm-switch"
+    assert "-m" not in cmd
+    assert "--debug" in cmd
+    assert "--logfile" not in cmd
+    assert cmd[cmd.index("--connect") + 1] == "fd://3"
+
+
+def test_vm_switch_command_is_accepted_by_vm_switch():
+    """The flags we pass are ones rdswitch.vm parses (a rename there breaks us here)."""
+    from rdswitch.vm.__main__ import parse_args as vm_parse_args
+
+    o = parse_args(["--debug", "--tap-mac-address", "02:11:22:33:44:55", "--subnet", "10.1.0.0/16"])
+    cmd = vm_switch_command(o, 0)  # fd 0 is open, so the URL check passes
+    args = vm_parse_args(cmd[7:])
+    assert args.connect == "fd://0"
+    assert args.tap_interface == "eth0"
+    assert args.debug
+
+
+def test_init_command():
+    o = parse_args(["--netns", "nsx", "--unshare-arg", "/sbin/init 'two words'"])
+    assert init_command(o) == ["ip", "netns", "exec", "nsx", *UNSHARE_PREFIX, "/sbin/init", "two words"]
+    assert list(UNSHARE_PREFIX) == ["unshare", "--pid", "--mount-proc", "--fork", "--propagation", "slave"]
+    assert init_command(parse_args([])) is None
+    assert init_command(parse_args(["--unshare-arg", "   "])) is None
+
+
+def test_empty_strings_disable_files():
+    o = parse_args(["--pid-file", "", "--logfile", ""])
+    assert o.pid_file is None and o.logfile is None
+
+
+@given(st.text(max_size=40))
+def test_parse_unshare_arg_never_crashes(text):
+    try:
+        out = parse_unshare_arg(text)
+    except ConfigError as exc:
+        assert "--unshare-arg" in str(exc)
+    else:
+        assert all(isinstance(a, str) for a in out)
+
+
+@given(st.text(max_size=30))
+def test_interface_address_never_crashes(text):
+    try:
+        iface = parse_interface_address(text, "--x")
+    except ConfigError as exc:
+        assert "--x" in str(exc)
+    else:
+        assert iface.network.prefixlen < 32
+
+
+@given(st.lists(st.text(max_size=12), max_size=6))
+def test_validate_raises_only_config_errors(words):
+    ns = build_parser().parse_args([])
+    for attr, word in zip(["netns", "veth_host_name", "veth_ns_name", "tap_interface", "subnet", "host_url"], words):
+        setattr(ns, attr, word)
+    try:
+        validate(ns)
+    except ConfigError:
+        pass
+
+
+def test_child_pids_of_this_process():
+    proc = subprocess.Popen(["sleep", "5"])
+    try:
+        assert proc.pid in children.child_pids(os.getpid())
+    finally:
+        proc.kill()
+        proc.wait()
+    assert children.child_pids(2**22 + 12345) == []
