@@ -23,7 +23,7 @@ import trio
 
 from .. import transport
 from ..config import ConfigError
-from ..errors import describe
+from ..errors import describe, leaves
 from ..handshake import HandshakeError, serve_handshake
 from . import links
 from .children import stop_process
@@ -103,9 +103,11 @@ async def setup(opts: Options, st: State) -> None:
         await trio.to_thread.run_sync(links.remove_netns, opts.netns)
 
     # 2. the handshake
-    async with trio.open_nursery() as nursery:
-        url = await nursery.start(serve_handshake, opts.handshake_listen)
-        log.info("waiting for the host's handshake on %s", url)
+    log.info("waiting for the host's handshake on %s", opts.handshake_listen)
+    try:
+        await serve_handshake(opts.handshake_listen)
+    except (OSError, ConfigError) as exc:
+        raise SetupError(f"cannot answer the handshake on {opts.handshake_listen}: {describe(exc)}") from None
     log.info("handshake done; dialling the host at %s", opts.host_url)
 
     # 3. the data connection
@@ -161,6 +163,13 @@ async def run(opts: Options, st: State) -> None:
         log.error("setup failed: %s", describe(exc))
         st.exit_code = 1
         return
+    except Exception as exc:  # noqa: BLE001
+        if all(isinstance(e, (OSError, ConfigError, SetupError, links.LinkError, HandshakeError)) for e in leaves(exc)):
+            log.error("setup failed: %s", describe(exc))
+        else:  # a bug: log it with its traceback, but still tear down and exit 1
+            log.exception("setup failed unexpectedly")
+        st.exit_code = 1
+        return
     assert st.vm_switch is not None
     async with trio.open_nursery() as nursery:
         if st.init is not None:
@@ -206,26 +215,27 @@ async def teardown(opts: Options, st: State) -> None:
 
 async def amain(opts: Options) -> int:
     st = State()
-    try:
-        async with trio.open_nursery() as nursery:
+    # The receiver stays open through teardown: a second SIGTERM then waits in
+    # its queue instead of killing us half-way through the cleanup.
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        try:
+            async with trio.open_nursery() as nursery:
 
-            async def on_signals(task_status=trio.TASK_STATUS_IGNORED) -> None:
-                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                    task_status.started()
+                async def on_signals() -> None:
                     async for sig in signals:
                         log.info("got %s, shutting down", signal.Signals(sig).name)
                         nursery.cancel_scope.cancel()
                         return
 
-            async def main_flow() -> None:
-                await run(opts, st)
-                nursery.cancel_scope.cancel()
+                async def main_flow() -> None:
+                    await run(opts, st)
+                    nursery.cancel_scope.cancel()
 
-            await nursery.start(on_signals)
-            nursery.start_soon(main_flow)
-    finally:
-        with trio.CancelScope(shield=True):
-            await teardown(opts, st)
+                nursery.start_soon(on_signals)
+                nursery.start_soon(main_flow)
+        finally:
+            with trio.CancelScope(shield=True):
+                await teardown(opts, st)
     log.info("network-setup done (exit %d)", st.exit_code)
     return st.exit_code
 
