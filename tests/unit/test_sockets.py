@@ -451,3 +451,69 @@ def test_concurrent_receivers_conflict():
         run(main)
     # trio wraps the failure in an exception group (strict groups) or not: either way a BusyResourceError
     assert "BusyResourceError" in repr(info.value) or isinstance(info.value, trio.BusyResourceError)
+
+
+def test_check_half_closeable_stream_real_clock():
+    """The same generic checks without the autojump clock: nothing may rely on virtual time."""
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            async def stream_maker():
+                a, b, _ = make_pair()
+                nursery.start_soon(a.timer_loop)
+                nursery.start_soon(b.timer_loop)
+                return a, b
+
+            await trio.testing.check_half_closeable_stream(stream_maker, None)
+            nursery.cancel_scope.cancel()
+
+    run(main, autojump=False, limit=20.0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_lossy_wire_transfer_with_timer_loops(seed):
+    """Random loss in both directions (data, ACKs, FINs): the timers repair everything."""
+    rng = random.Random(seed)
+    d1, d2 = rng.randbytes(400_000), rng.randbytes(300_000)
+
+    async def main():
+        a, b, wire = make_pair(buf_a=1 << 15, buf_b=1 << 16)
+        drops = []
+        wire.drop = lambda dst, s: not s.flags & RST and rng.random() < 0.05 and (drops.append(s) or True)
+        t0 = trio.current_time()
+        got = {"a": bytearray(), "b": bytearray()}
+
+        async def one_way(src, dst, data, out):
+            async def sender():
+                view = memoryview(data)
+                i = 0
+                while i < len(data):
+                    n = rng.randint(1, 50_000)
+                    await src.send_all(view[i:i + n])
+                    i += n
+                await src.send_eof()
+
+            async def receiver():
+                while True:
+                    chunk = await dst.receive_some(rng.randint(1, 40_000))
+                    if not chunk:
+                        return
+                    out.extend(chunk)
+
+            async with trio.open_nursery() as n:
+                n.start_soon(sender)
+                n.start_soon(receiver)
+
+        async with trio.open_nursery() as n:
+            n.start_soon(a.timer_loop)
+            n.start_soon(b.timer_loop)
+            async with trio.open_nursery() as n2:
+                n2.start_soon(one_way, a, b, d1, got["b"])
+                n2.start_soon(one_way, b, a, d2, got["a"])
+            n.cancel_scope.cancel()
+        assert bytes(got["b"]) == d1 and bytes(got["a"]) == d2
+        # the loss was real and was repaired by retransmission timers (virtual time passed)
+        assert len(drops) > 5 and any(s.payload for s in drops)
+        assert trio.current_time() - t0 >= a.conn.rto_min
+
+    run(main, limit=3000.0)
