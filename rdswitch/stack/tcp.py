@@ -536,10 +536,10 @@ class TcpConnection:
         una = self.snd_una
         data_end = self._sbuf_seq + len(self._sbuf)
         fin_seq = self._fin_seq
-        n = min(data_end - una, min(self.peer_mss, self.mss))
-        if n > 0 or (fin_seq is not None and una == fin_seq):
-            n = max(n, 0)
-            fin = fin_seq is not None and una + n == fin_seq
+        # only what was sent before: the head may exceed the window, never snd_max
+        n = max(0, min(min(data_end, self.snd_max) - una, self.peer_mss, self.mss))
+        fin = fin_seq is not None and una + n == fin_seq and self.snd_max > fin_seq
+        if n > 0 or fin:
             with memoryview(self._sbuf) as mv:
                 self._emit(una, n, fin, mv)
             self.snd_nxt = una + n + fin

@@ -40,7 +40,7 @@ class Link:
             return
         dst.receive_segment(seg, self.now)
 
-    def pump(self, max_rounds: int = 200000) -> None:
+    def pump(self, max_rounds: int = 5000) -> None:
         for _ in range(max_rounds):
             moved = False
             for src, dst, d in ((self.a, self.b, "ab"), (self.b, self.a, "ba")):
