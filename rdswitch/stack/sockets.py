@@ -96,6 +96,7 @@ class VirtualTcpStream(trio.abc.HalfCloseableStream):
         self._on_closed = on_closed
         self._notified = False
         self._local_closed = False  # aclose() was called
+        self._eof_called = False  # send_eof() was called
         self._rx_event: trio.Event | None = None
         self._tx_event: trio.Event | None = None
         self._timer_event: trio.Event | None = None
@@ -209,12 +210,14 @@ class VirtualTcpStream(trio.abc.HalfCloseableStream):
         conn = self.conn
         if self._local_closed:
             raise trio.ClosedResourceError("stream was closed")
-        if conn.write_closed and not conn.reset:
+        if self._eof_called:
             raise trio.ClosedResourceError("send_eof was called")
         if conn.reset:
             raise trio.BrokenResourceError("connection reset")
         if conn.closed or self._notified:
             raise trio.BrokenResourceError("connection closed")
+        if conn.write_closed:  # the owner half-closed the connection itself
+            raise trio.ClosedResourceError("the connection's write side is closed")
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         with self._send_conflict:
@@ -253,6 +256,7 @@ class VirtualTcpStream(trio.abc.HalfCloseableStream):
                 await trio.lowlevel.checkpoint()
                 raise trio.ClosedResourceError("stream was closed")
             await trio.lowlevel.checkpoint_if_cancelled()
+            self._eof_called = True
             conn = self.conn
             if not conn.write_closed and not conn.closed:
                 conn.close_write(self._clock())

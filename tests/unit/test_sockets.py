@@ -332,6 +332,8 @@ def test_abort_if_open_resets_peer_and_notifies_once():
             await b.send_all(b"y")
         with pytest.raises(trio.BrokenResourceError):
             await a.receive_some(10)
+        with pytest.raises(trio.BrokenResourceError):
+            await a.send_all(b"z")  # aborted, not closed: Broken, not Closed
         await a.aclose()
         with pytest.raises(trio.ClosedResourceError):
             await a.receive_some(10)
