@@ -180,8 +180,14 @@ def test_network_setup_full_cycle(bed, setup_factory):
 
 
 def test_stale_host_veth_is_removed_at_start(bed, setup_factory):
+    """Also: incumbent single-dash flags, and -vm-switch-path naming another vm-switch program."""
     hs = bed.host_switch("--handshake", f"unix://{bed.tmp}/hs.sock")
-    ns = setup_factory(hs.url)
+    marker = os.path.join(bed.tmp, "wrapper-ran")
+    wrapper = os.path.join(bed.tmp, "vm-switch-wrapper")
+    with open(wrapper, "w") as f:
+        f.write(f'#!/bin/sh\necho "$@" > {marker}\nexec {PY} -m rdswitch.vm "$@"\n')
+    os.chmod(wrapper, 0o755)
+    ns = setup_factory(hs.url, "-vm-switch-path", wrapper, "-tap-interface", "eth9", "-debug=true")
     stale_peer = nsutil.unique_name("vs")
     nsutil.run(["ip", "link", "add", ns.veth_host, "type", "veth", "peer", "name", stale_peer])
     old_index = int(open(f"/sys/class/net/{ns.veth_host}/ifindex").read())
@@ -197,6 +203,9 @@ def test_stale_host_veth_is_removed_at_start(bed, setup_factory):
 
     assert nsutil.wait_for(fresh, 20, what="the new host veth") == "192.168.1.1/24"
     assert "removed stale" in ns.read_log()
+    assert nsutil.wait_for(lambda: ns.check_alive() or ipv4_of(ns.ns, "eth9"), 20, what="DHCP on eth9") == "192.168.127.2/24"
+    with open(marker) as f:
+        assert "--tap-interface eth9" in f.read()
     ns.proc.send_signal(signal.SIGTERM)
     assert ns.proc.wait(10) == 0, ns.read_log()
     assert not link_exists(ns.veth_host)
