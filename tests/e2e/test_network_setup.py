@@ -134,7 +134,12 @@ def start_and_wait_ready(bed, make, *extra):
         raise AssertionError(f"no DHCP address:\n{ns.read_log()}\n{hs.read_log()[-3000:]}") from None
     pid = nsutil.wait_for(lambda: read_pid_file(ns.pid_file), 10, what="init pid file")
     ns.init_pids.append(pid)
-    ns.init_pids += [int(p) for p in open(f"/proc/{pid}/task/{pid}/children").read().split()]
+
+    def init_children():
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+
+    ns.init_pids += nsutil.wait_for(init_children, 10, what="unshare's child")
     return hs, ns, addr, pid
 
 
