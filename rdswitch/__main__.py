@@ -90,6 +90,45 @@ def self_check(ns: str) -> bool:
     return ok
 
 
+@contextlib.contextmanager
+def open_sandbox(*, mtu: str = "1500", subnet: str = "192.168.127.0/24", allow=("127.0.0.0/8",),
+                 host_extra=(), ns: str | None = None):
+    """Host-switch + namespace + vm-switch, up and addressed; torn down on exit.
+
+    Yields the namespace name.  Shared by the sandbox command and the benchmarks.
+    """
+    tmp = tempfile.mkdtemp(prefix="rdswitch-")
+    ns = ns or f"rdswitch-{os.getpid()}"
+    sock = os.path.join(tmp, "host.sock")
+    host_args = [PY, "-m", "rdswitch.host", "--listen", f"unix://{sock}", "--mtu", str(mtu), "--subnet", subnet,
+                 "--logfile", os.path.join(tmp, "host-switch.log"), *host_extra]
+    for cidr in allow:
+        host_args += ["--allow-outbound", cidr]
+    with contextlib.ExitStack() as stack:
+        stack.callback(shutil.rmtree, tmp, True)
+        host = subprocess.Popen(host_args, stderr=subprocess.DEVNULL)
+        stack.callback(_stop, host)
+        _wait(lambda: os.path.exists(sock) or host.poll() is not None, 15, "host-switch")
+        if host.poll() is not None:
+            raise RuntimeError(f"host-switch failed to start (exit {host.returncode})")
+        subprocess.run(["ip", "netns", "add", ns], check=True)
+        stack.callback(subprocess.run, ["ip", "netns", "del", ns], check=False)
+        vm = subprocess.Popen(["ip", "netns", "exec", ns, PY, "-m", "rdswitch.vm", "--connect", f"unix://{sock}",
+                               "--subnet", subnet, "--logfile", os.path.join(tmp, "vm-switch.log")],
+                              stderr=subprocess.DEVNULL)
+        stack.callback(_stop, vm)
+
+        def addressed():
+            if vm.poll() is not None:
+                raise RuntimeError(f"vm-switch exited {vm.returncode}")
+            out = subprocess.run(["ip", "netns", "exec", ns, "ip", "-4", "-o", "addr", "show", "dev", "eth0"],
+                                 capture_output=True, text=True).stdout
+            return "inet " in out
+
+        _wait(addressed, 20, "DHCP in the namespace")
+        yield ns, (host, vm)
+
+
 def sandbox(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m rdswitch sandbox", description=__doc__.splitlines()[0])
     p.add_argument("--mtu", default="1500")
@@ -102,49 +141,23 @@ def sandbox(argv: list[str]) -> int:
         print("sandbox needs root (network namespaces and tap devices)", file=sys.stderr)
         return 2
     cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
-    tmp = tempfile.mkdtemp(prefix="rdswitch-")
-    ns = f"rdswitch-{os.getpid()}"
-    sock = os.path.join(tmp, "host.sock")
     allow = args.allow_outbound or ["127.0.0.0/8"]
-    host_args = [PY, "-m", "rdswitch.host", "--listen", f"unix://{sock}", "--mtu", args.mtu, "--subnet", args.subnet,
-                 "--logfile", os.path.join(tmp, "host-switch.log")]
-    for cidr in allow:
-        host_args += ["--allow-outbound", cidr]
-    with contextlib.ExitStack() as stack:
-        stack.callback(shutil.rmtree, tmp, True)
-        host = subprocess.Popen(host_args, stderr=subprocess.DEVNULL)
-        stack.callback(_stop, host)
-        _wait(lambda: os.path.exists(sock) or host.poll() is not None, 15, "host-switch")
-        if host.poll() is not None:
-            print(f"host-switch failed to start (exit {host.returncode})", file=sys.stderr)
-            return 1
-        subprocess.run(["ip", "netns", "add", ns], check=True)
-        stack.callback(subprocess.run, ["ip", "netns", "del", ns], check=False)
-        vm = subprocess.Popen(["ip", "netns", "exec", ns, PY, "-m", "rdswitch.vm", "--connect", f"unix://{sock}",
-                               "--subnet", args.subnet, "--logfile", os.path.join(tmp, "vm-switch.log")],
-                              stderr=subprocess.DEVNULL)
-        stack.callback(_stop, vm)
-
-        def addressed():
-            if vm.poll() is not None:
-                raise RuntimeError(f"vm-switch exited {vm.returncode}")
-            out = subprocess.run(["ip", "netns", "exec", ns, "ip", "-4", "-o", "addr", "show", "dev", "eth0"],
-                                 capture_output=True, text=True).stdout
-            return "inet " in out
-
-        _wait(addressed, 20, "DHCP in the namespace")
-        print(f"namespace {ns}: eth0 is networked through rdswitch (allowed outbound: {', '.join(allow)})")
-        if cmd:
-            return subprocess.run(["ip", "netns", "exec", ns, *cmd]).returncode
-        ok = self_check(ns)
-        if args.keep:
-            print(f"try: ip netns exec {ns} bash    (Ctrl-C here to tear down)")
-            with contextlib.suppress(KeyboardInterrupt):
-                while host.poll() is None and vm.poll() is None:
-                    time.sleep(0.5)
-        print("all checks passed" if ok else "some checks failed")
-        return 0 if ok else 1
-    return 1
+    try:
+        with open_sandbox(mtu=args.mtu, subnet=args.subnet, allow=allow) as (ns, procs):
+            print(f"namespace {ns}: eth0 is networked through rdswitch (allowed outbound: {', '.join(allow)})")
+            if cmd:
+                return subprocess.run(["ip", "netns", "exec", ns, *cmd]).returncode
+            ok = self_check(ns)
+            if args.keep:
+                print(f"try: ip netns exec {ns} bash    (Ctrl-C here to tear down)")
+                with contextlib.suppress(KeyboardInterrupt):
+                    while all(p.poll() is None for p in procs):
+                        time.sleep(0.5)
+            print("all checks passed" if ok else "some checks failed")
+            return 0 if ok else 1
+    except (RuntimeError, TimeoutError) as exc:
+        print(f"sandbox failed: {exc}", file=sys.stderr)
+        return 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,7 @@ import subprocess
 import time
 
 import nsutil
-from conftest import wait_until
+from testbed import wait_until
 
 
 def test_dhcp_ping_arp(bed):

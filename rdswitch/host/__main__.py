@@ -1,0 +1,127 @@
+"""host-switch: the virtual switch, gateway, NAT and API on the host.
+
+    python -m rdswitch.host --listen unix:///run/rdswitch.sock [--subnet 192.168.127.0/24] ...
+
+Each VM connection accepted on a ``--listen`` URL is one session (one switch
+port).  Everything a session owns ends with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+import trio
+
+from .. import transport
+from ..config import ConfigError, NetConfig, normalize_argv, parse_cidr
+from ..framing import validate_framing
+from ..handshake import HandshakeError, find_vm, signal_ready
+from . import dns_server
+from .netstack import NetStack, NatPolicy, add_nat_arguments
+from .switch_host import HostSwitch
+
+log = logging.getLogger("rdswitch.host")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m rdswitch.host", description="rdswitch host-switch")
+    p.add_argument("--listen", action="append", default=[], metavar="URL",
+                   help="accept VM connections here (repeatable): unix:///path, tcp://127.0.0.1:PORT, vsock://:PORT, fd://N")
+    p.add_argument("--handshake", action="append", default=[], metavar="URL",
+                   help="find the VM by the vsock handshake at these URLs (port 6669 of each candidate), then tell "
+                        "it READY so it dials a --listen URL; e.g. vsock://3:6669 or unix:///run/rd-handshake.sock")
+    p.add_argument("--framing", default="stdio", help="stdio (16-bit LE length, default), qemu, bess, vfkit")
+    p.add_argument("--subnet", default="192.168.127.0/24", help="virtual subnet; gateway .1, VM .2, host alias .254")
+    p.add_argument("--mtu", default="1500", help="MTU announced by DHCP (576..65521)")
+    p.add_argument("--gateway-mac", default="5a:94:ef:e4:0c:dd")
+    p.add_argument("--vm-mac", default="5a:94:ef:e4:0c:ee", help="MAC that gets the static lease .2")
+    p.add_argument("--debug", action="store_true")
+    p.add_argument("--logfile", default=None)
+    p.add_argument("--capture", default=None, metavar="FILE", help="write every frame to this pcap file")
+    add_nat_arguments(p)
+    dns_server.add_arguments(p)
+    return p
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = build_parser()
+    long_flags = {a.dest.replace("_", "-") for a in p._actions} | {"debug", "listen", "subnet", "framing", "mtu"}
+    args = p.parse_args(normalize_argv(argv, long_flags))
+    try:
+        args.net = NetConfig(subnet=args.subnet, gateway_mac=args.gateway_mac, vm_mac=args.vm_mac, mtu=args.mtu)
+        args.framing = validate_framing(args.framing)
+        for url in args.listen:
+            transport.parse_url(url)
+        args.nat_policy = NatPolicy.from_args(args, args.net)
+        if not args.listen:
+            raise ConfigError("nothing to serve: give at least one --listen URL")
+    except ConfigError as exc:
+        p.error(str(exc))
+    return args
+
+
+def setup_logging(debug: bool, logfile: str | None) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if logfile:
+        handlers.append(logging.FileHandler(logfile))
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, handlers=handlers,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    for noisy in ("pyroute2", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+async def serve_listener(hs: HostSwitch, listener, url: str) -> None:
+    async with listener:
+        async with trio.open_nursery() as nursery:
+            while True:
+                try:
+                    link = await listener.accept()
+                except (OSError, trio.BrokenResourceError) as exc:
+                    log.warning("accept on %s failed: %s", url, exc)
+                    await trio.sleep(0.1)
+                    continue
+                nursery.start_soon(hs.run_session, link)
+
+
+async def handshake(candidates: list[str]) -> None:
+    try:
+        url = await find_vm(candidates)
+        log.info("found the VM at %s; signalling READY", url)
+        await signal_ready(url)
+    except (HandshakeError, OSError) as exc:
+        log.error("handshake failed: %s", exc)
+
+
+async def amain(args: argparse.Namespace) -> int:
+    dns = dns_server.from_args(args, args.net)
+    hs = HostSwitch(args.net, capture=args.capture, search_domains=dns.search_domains)
+    async with trio.open_nursery() as nursery:
+        hs.stack = NetStack(hs, args.nat_policy, dns=dns, nursery=nursery)
+        await nursery.start(hs.stack.run)
+        for url in args.listen:
+            listener = await transport.listen(url, args.framing)
+            log.info("listening on %s (framing %s)", url, args.framing)
+            nursery.start_soon(serve_listener, hs, listener, url)
+        if args.handshake:
+            nursery.start_soon(handshake, args.handshake)
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for sig in signals:
+                log.info("got %s, shutting down", signal.Signals(sig).name)
+                nursery.cancel_scope.cancel()
+                break
+    if hs.capture:
+        hs.capture.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    setup_logging(args.debug, args.logfile)
+    return trio.run(amain, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

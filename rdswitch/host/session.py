@@ -1,0 +1,82 @@
+"""One VM connection = one switch port = one session nursery.
+
+A :class:`Port` owns an outgoing frame queue and the writer task that drains
+it in batches.  Everything the session starts (its writer, its NAT flows,
+its service handlers) runs in ``port.nursery``, so cancelling the session is
+the only teardown path.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+
+import trio
+
+from ..stack.gateway import Counters
+
+log = logging.getLogger("rdswitch.host")
+
+_ids = itertools.count(1)
+
+# Frames queued towards one VM.  TCP never has more in flight than the VM's
+# window, so the limit is a safety net against a misbehaving sender, not the
+# flow control itself.
+QUEUE_LIMIT_BYTES = 64 << 20
+SEND_BATCH_BYTES = 1 << 20
+
+
+class Port:
+    def __init__(self, link, nursery: trio.Nursery, peer: str = "?") -> None:
+        self.id = next(_ids)
+        self.link = link
+        self.nursery = nursery
+        self.peer = peer
+        self.counters = Counters()
+        self._queue: collections.deque[bytes] = collections.deque()
+        self._queued_bytes = 0
+        self._wakeup = trio.lowlevel.ParkingLot()
+        self.closed = False
+
+    def __repr__(self) -> str:
+        return f"<session {self.id} {self.peer}>"
+
+    def enqueue(self, frame: bytes) -> bool:
+        """Queue one frame towards the VM (sync, never blocks).  False if dropped."""
+        if self.closed:
+            return False
+        n = len(frame)
+        if self._queued_bytes + n > QUEUE_LIMIT_BYTES:
+            self.counters.drop("queue-full")
+            return False
+        self._queue.append(frame)
+        self._queued_bytes += n
+        if len(self._queue) == 1:
+            self._wakeup.unpark_all()
+        return True
+
+    async def writer(self, send_hook=None) -> None:
+        """Drain the queue into the link, one ``send_batch`` per burst."""
+        queue = self._queue
+        values = self.counters.values
+        while True:
+            while not queue:
+                await self._wakeup.park()
+            batch = []
+            size = 0
+            while queue and size < SEND_BATCH_BYTES:
+                frame = queue.popleft()
+                batch.append(frame)
+                size += len(frame)
+            self._queued_bytes -= size
+            values["frames_out"] += len(batch)
+            values["bytes_out"] += size
+            if send_hook is not None:
+                send_hook(batch)
+            await self.link.send_batch(batch)
+
+    def close(self) -> None:
+        self.closed = True
+        self._queue.clear()
+        self._queued_bytes = 0
