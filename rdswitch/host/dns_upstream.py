@@ -81,7 +81,10 @@ class Upstreams:
             return
         conf = parse_resolv_conf(text)
         if conf != self._conf:
-            log.info("DNS upstreams from %s: %s, search %s", self.path, list(conf.nameservers), list(conf.search))
+            if self._fixed is None:
+                log.info("DNS upstreams from %s: %s, search %s", self.path, list(conf.nameservers), list(conf.search))
+            else:
+                log.info("DNS search domains from %s: %s (upstreams fixed: %s)", self.path, list(conf.search), self._fixed)
         self._stamp = stamp
         self._conf = conf
 

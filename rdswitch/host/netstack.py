@@ -291,7 +291,12 @@ class NetStack:
             if len(flows.udp) >= self.policy.max_udp_flows:
                 port.counters.drop("udp-flow-limit")
                 return
-            flow = UdpFlow(self, port, flows, key, ev.src_mac, (dst, ev.dst_port))
+            try:
+                flow = UdpFlow(self, port, flows, key, ev.src_mac, (dst, ev.dst_port))
+            except OSError as exc:
+                port.counters.drop("udp-socket-error")
+                log.warning("%r: cannot open a UDP socket for %s:%d: %s", port, dst, ev.dst_port, exc)
+                return
             flows.udp[key] = flow
             port.counters.values["udp_flows_total"] += 1
             port.nursery.start_soon(flow.run)
@@ -399,19 +404,18 @@ class UdpFlow:
         self.key = key
         self.vm_mac = vm_mac
         self.dst = dst
-        self.sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.pending: list[bytes] = []
-        self.connected = False
+        # A plain non-blocking socket: sends happen synchronously on the frame
+        # path (a full buffer drops, like a network would); receives wait on
+        # trio.lowlevel.wait_readable in run().
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setblocking(False)
+        self.sock.connect(dst)  # UDP connect only sets the peer: no packet, no blocking
         self.last_activity = trio.current_time()
 
     def send(self, payload: bytes) -> None:
         self.last_activity = trio.current_time()
-        if not self.connected:
-            if len(self.pending) < 64:
-                self.pending.append(payload)
-            return
         try:
-            self.sock.send(payload)  # non-blocking; a full buffer drops, like a network would
+            self.sock.send(payload)
         except (BlockingIOError, OSError) as exc:
             self.port.counters.drop("udp-send-error")
             log.debug("udp send to %s failed: %s", self.dst, exc)
@@ -419,27 +423,25 @@ class UdpFlow:
     async def run(self) -> None:
         vm_ip, vm_port, virt_dst_ip, virt_dst_port = self.key
         stack = self.stack
+        sock = self.sock
         try:
-            with self.sock:
-                await self.sock.connect(self.dst)
-                self.connected = True
-                for p in self.pending:
-                    self.send(p)
-                self.pending.clear()
+            with sock:
                 idle = stack.policy.udp_idle_timeout
                 while True:
                     with trio.move_on_at(self.last_activity + idle) as scope:
-                        try:
-                            data = await self.sock.recv(65535)
-                        except ConnectionRefusedError:
-                            continue  # an ICMP error from a previous send; keep the flow
+                        await trio.lowlevel.wait_readable(sock)
                     if scope.cancelled_caught:
                         if trio.current_time() >= self.last_activity + idle:
                             return
                         continue
-                    self.last_activity = trio.current_time()
-                    stack.hs.send_to(self.port, stack.gateway.udp_frame(self.vm_mac, virt_dst_ip, virt_dst_port,
-                                                                        vm_ip, vm_port, data))
+                    for _ in range(64):  # drain what is queued, bounded
+                        try:
+                            data = sock.recv(65535)
+                        except (BlockingIOError, ConnectionRefusedError):
+                            break  # refused: an ICMP error for an earlier send; keep the flow
+                        self.last_activity = trio.current_time()
+                        stack.hs.send_to(self.port, stack.gateway.udp_frame(self.vm_mac, virt_dst_ip, virt_dst_port,
+                                                                            vm_ip, vm_port, data))
         except OSError as exc:
             log.debug("udp flow %s failed: %s", self.dst, exc)
         finally:

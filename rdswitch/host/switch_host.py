@@ -100,7 +100,11 @@ class HostSwitch:
         if replies:
             self.from_gateway(replies)
         if event is not None and self.stack is not None:
-            self.stack.handle(port, event)
+            try:
+                self.stack.handle(port, event)
+            except Exception:  # noqa: BLE001 - a bug in one flow must not end the session
+                port.counters.drop("stack-error")
+                log.exception("%r: error handling %s", port, type(event).__name__)
 
     def from_gateway(self, frames: list) -> None:
         """Frames the gateway (or a NAT flow) sends into the virtual network."""
