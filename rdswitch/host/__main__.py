@@ -16,10 +16,13 @@ import sys
 import trio
 
 from .. import transport
-from ..config import ConfigError, NetConfig, normalize_argv, parse_cidr
+from ..config import ConfigError, NetConfig, normalize_argv
 from ..framing import validate_framing
 from ..handshake import HandshakeError, find_vm, signal_ready
 from . import dns_server
+from ..services.forwarder import parse_port_forward_flag
+from .api import ApiServer, create_app
+from .forwarder import ForwardError, Forwarder
 from .netstack import NetStack, NatPolicy, add_nat_arguments
 from .switch_host import HostSwitch
 
@@ -40,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vm-mac", default="5a:94:ef:e4:0c:ee", help="MAC that gets the static lease .2")
     p.add_argument("--debug", action="store_true")
     p.add_argument("--logfile", default=None)
+    p.add_argument("--api-listen", action="append", default=[], metavar="URL",
+                   help="also serve the HTTP API on this host socket (unix:///path or tcp://127.0.0.1:PORT); "
+                        "it is always served inside the network on gateway:80")
+    p.add_argument("--port-forward", action="append", default=[], metavar="LOCAL=REMOTE",
+                   help="static forward at start, e.g. 127.0.0.1:2222=192.168.127.2:22 (append /udp for UDP)")
     p.add_argument("--capture", default=None, metavar="FILE", help="write every frame to this pcap file")
     add_nat_arguments(p)
     dns_server.add_arguments(p)
@@ -56,6 +64,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         for url in args.listen:
             transport.parse_url(url)
         args.nat_policy = NatPolicy.from_args(args, args.net)
+        args.forwards = [parse_port_forward_flag(f, args.net.subnet) for f in args.port_forward]
+        for url in args.api_listen:
+            transport.parse_url(url)
         if not args.listen:
             raise ConfigError("nothing to serve: give at least one --listen URL")
     except ConfigError as exc:
@@ -101,6 +112,20 @@ async def amain(args: argparse.Namespace) -> int:
     async with trio.open_nursery() as nursery:
         hs.stack = NetStack(hs, args.nat_policy, dns=dns, nursery=nursery)
         await nursery.start(hs.stack.run)
+        forwarder = Forwarder(hs.stack)
+        await nursery.start(forwarder.run)
+        api = ApiServer(create_app(hs, forwarder, dns))
+        nursery.start_soon(api.serve, hs.stack.listen_tcp(80))
+        for url in args.api_listen:
+            nursery.start_soon(api.serve, await transport.listen_stream(url))
+            log.info("API on %s", url)
+        for fwd in args.forwards:
+            try:
+                await forwarder.expose(fwd)
+            except ForwardError as exc:
+                log.error("--port-forward %s: %s", fwd.local, exc)
+                nursery.cancel_scope.cancel()
+                return 2
         for url in args.listen:
             listener = await transport.listen(url, args.framing)
             log.info("listening on %s (framing %s)", url, args.framing)

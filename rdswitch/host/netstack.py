@@ -115,15 +115,23 @@ class NetStack:
         self.sessions: dict[int, SessionFlows] = {}
         # Local TCP services on the gateway IP: port -> listener.
         self.listeners: dict[int, VirtualTcpListener] = {}
+        # Local UDP endpoints on the gateway IP (port forwarding replies): port -> callback(port, UdpIn).
+        self.udp_endpoints: dict[int, Callable] = {}
+        self._next_ephemeral = 49152
         self._nursery = nursery
+
+    def listen_tcp(self, port: int, backlog: int = 128) -> VirtualTcpListener:
+        """A virtual listener on gateway_ip:port (inside the network, not on the host)."""
+        if port in self.listeners:
+            raise ValueError(f"gateway port {port} is already in use")
+        listener = self.listeners[port] = VirtualTcpListener(backlog)
+        return listener
 
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Start the gateway's own TCP services (DNS over TCP)."""
         async with trio.open_nursery() as nursery:
             if self.dns is not None:
-                dns_listener = VirtualTcpListener()
-                self.listeners[53] = dns_listener
-                nursery.start_soon(self._serve_listener, dns_listener, self.dns.serve_stream)
+                nursery.start_soon(self._serve_listener, self.listen_tcp(53), self.dns.serve_stream)
             task_status.started()
 
     async def _serve_listener(self, listener: VirtualTcpListener, handler) -> None:
@@ -268,10 +276,76 @@ class NetStack:
             if flows.tcp.get(key) is stream:
                 flows.tcp.pop(key, None)
 
+    # ---- into the VM (port forwarding) -----------------------------------------------------
+    def session_for(self, vm_ip: bytes) -> tuple[Port, bytes] | None:
+        """The session (switch port) and MAC that hold ``vm_ip``, if any VM has used it."""
+        mac = self.gateway.neighbors.get(vm_ip)
+        if mac is None:
+            return None
+        port = self.hs.switch.lookup(mac)
+        if not isinstance(port, Port) or port.closed:
+            return None
+        return port, mac
+
+    def ephemeral_port(self, in_use) -> int:
+        """A gateway-side port (49152..65535) for which ``in_use(port)`` is false."""
+        for _ in range(16384):
+            p = self._next_ephemeral
+            self._next_ephemeral = 49152 if p >= 65535 else p + 1
+            if not in_use(p) and p not in self.listeners and p not in self.udp_endpoints:
+                return p
+        raise OSError(errno.EADDRINUSE, "no free gateway port")
+
+    async def open_tcp(self, vm_ip: bytes, vm_port: int, *, timeout: float = 10.0) -> tuple[Port, VirtualTcpStream]:
+        """Open a virtual TCP connection from the gateway IP into a VM (active open).
+
+        The connection belongs to the VM's session: its timer runs in the
+        session nursery, so it dies with the session.  Raises OSError when no
+        session holds ``vm_ip`` or the VM refuses / does not answer.
+        """
+        found = self.session_for(vm_ip)
+        if found is None:
+            raise OSError(errno.EHOSTUNREACH, f"no VM session holds {socket.inet_ntoa(vm_ip)}")
+        port, vm_mac = found
+        flows = self.flows(port)
+        gw = self.gateway_ip
+        local_port = self.ephemeral_port(lambda p: (vm_ip, vm_port, gw, p) in flows.tcp)
+        key = (vm_ip, vm_port, gw, local_port)
+        bufsize = self.policy.tcp_buffer_size
+        conn = TcpConnection.connect(local_port, vm_port, trio.current_time(), iss=random.getrandbits(32),
+                                     mss=self.mss, rcv_buffer=bufsize, snd_buffer=bufsize)
+        info = SocketInfo((socket.inet_ntoa(gw), local_port), (socket.inet_ntoa(vm_ip), vm_port))
+
+        def on_closed() -> None:
+            if flows.tcp.get(key) is stream:
+                del flows.tcp[key]
+
+        stream = VirtualTcpStream(conn, self._transmitter(port, vm_mac, gw, vm_ip), on_closed=on_closed, socket_info=info)
+        flows.tcp[key] = stream
+        port.nursery.start_soon(stream.timer_loop)
+        stream.flush()
+        try:
+            with trio.fail_after(timeout):
+                await stream.wait_established()
+        except (trio.TooSlowError, trio.BrokenResourceError) as exc:
+            stream.abort_if_open()
+            flows.tcp.pop(key, None)
+            refused = isinstance(exc, trio.BrokenResourceError)
+            raise OSError(errno.ECONNREFUSED if refused else errno.ETIMEDOUT,
+                          f"{socket.inet_ntoa(vm_ip)}:{vm_port} {'refused' if refused else 'did not answer'}") from None
+        return port, stream
+
+    def send_udp(self, port: Port, vm_mac: bytes, src_port: int, vm_ip: bytes, vm_port: int, payload: bytes) -> None:
+        """A datagram from the gateway IP into a VM."""
+        self.hs.send_to(port, self.gateway.udp_frame(vm_mac, self.gateway_ip, src_port, vm_ip, vm_port, payload))
+
     # ---- UDP -----------------------------------------------------------------------------
     def udp_in(self, port: Port, ev: UdpIn) -> None:
         if ev.dst_ip == self.gateway_ip:
-            if ev.dst_port == 53 and self.dns is not None:
+            endpoint = self.udp_endpoints.get(ev.dst_port)
+            if endpoint is not None:
+                endpoint(port, ev)
+            elif ev.dst_port == 53 and self.dns is not None:
                 port.nursery.start_soon(self._dns_query, port, ev.src_mac, ev.src_ip, ev.src_port, bytes(ev.payload))
             else:
                 port.counters.drop("udp-closed-port")

@@ -1,0 +1,154 @@
+"""The HTTP API (SPEC.md): port forwarding, DHCP leases, DNS zones, stats.
+
+Served by hypercorn on any trio listener: the virtual listener on gateway:80
+inside the network, and optionally a host socket (``--api-listen``).
+Hypercorn serves a custom stream only through its internal ``TCPServer``,
+which needs ``stream.socket`` with ``family``/``getpeername``/``getsockname``
+(our virtual streams have it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import trio
+from hypercorn.app_wrappers import ASGIWrapper
+from hypercorn.config import Config
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ConnectionState
+from quart import Response, request
+from quart_trio import QuartTrio
+
+from ..config import ConfigError
+from ..services.forwarder import parse_expose, parse_unexpose
+from .forwarder import ForwardError
+
+log = logging.getLogger("rdswitch.api")
+
+
+def _error(message: str, status: int = 400) -> Response:
+    return Response(json.dumps({"error": message}) + "\n", status=status, content_type="application/json")
+
+
+def _json(value, status: int = 200) -> Response:
+    return Response(json.dumps(value) + "\n", status=status, content_type="application/json")
+
+
+async def _body():
+    raw = await request.get_data()
+    if len(raw) > 65536:
+        raise ConfigError("body too large")
+    try:
+        return json.loads(raw or b"null")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"body is not valid JSON: {exc}") from None
+
+
+def create_app(hs, forwarder, dns=None) -> QuartTrio:
+    app = QuartTrio("rdswitch")
+    net = hs.net
+
+    def caller_ip() -> str | None:
+        addr = request.remote_addr
+        return addr if addr and addr.count(".") == 3 else None
+
+    @app.post("/services/forwarder/expose")
+    async def expose():
+        try:
+            fwd = parse_expose(await _body(), caller_ip(), net.subnet)
+            await forwarder.expose(fwd)
+        except ConfigError as exc:
+            return _error(str(exc))
+        except ForwardError as exc:
+            return _error(str(exc), exc.status)
+        return Response("", status=200)
+
+    @app.post("/services/forwarder/unexpose")
+    async def unexpose():
+        try:
+            await forwarder.unexpose(parse_unexpose(await _body()))
+        except ConfigError as exc:
+            return _error(str(exc))
+        except ForwardError as exc:
+            return _error(str(exc), exc.status)
+        return Response("", status=200)
+
+    @app.get("/services/forwarder/all")
+    async def forwards():
+        return _json(forwarder.all())
+
+    @app.get("/services/dhcp/leases")
+    async def leases():
+        return _json(hs.dhcp.leases())
+
+    @app.get("/services/dns/all")
+    async def dns_all():
+        return _json(dns.all_zones() if dns is not None else [])
+
+    @app.post("/services/dns/add")
+    async def dns_add():
+        if dns is None:
+            return _error("DNS is not enabled", 404)
+        try:
+            body = await _body()
+            if not isinstance(body, dict):
+                raise ConfigError("body must be a JSON object")
+            # ours: {"zone", "name", "ip"}; the incumbent's: {"Name": zone, "Records": [{"Name", "IP"}]}
+            if "Records" in body or "Name" in body:
+                zone = body.get("Name")
+                records = body.get("Records") or []
+                if not isinstance(records, list):
+                    raise ConfigError("Records must be a list")
+                out = None
+                for rec in records:
+                    if not isinstance(rec, dict):
+                        raise ConfigError("each record must be an object with Name and IP")
+                    out = dns.add_record(zone, rec.get("Name"), rec.get("IP"))
+            else:
+                out = dns.add_record(body.get("zone"), body.get("name"), body.get("ip"))
+        except ConfigError as exc:
+            return _error(str(exc))
+        return _json(out)
+
+    @app.get("/stats")
+    async def stats():
+        out = hs.stats()
+        if dns is not None:
+            out["dns"] = dict(dns.stats)
+        return _json(out)
+
+    return app
+
+
+class ApiServer:
+    """Hypercorn's per-connection server over any trio listener."""
+
+    def __init__(self, app) -> None:
+        self.app = ASGIWrapper(app)
+        self.config = Config()
+        self.config.keep_alive_timeout = 30
+        self.config.accesslog = None
+        self.context = WorkerContext(None)
+
+    async def serve(self, listener: trio.abc.Listener) -> None:
+        async with trio.open_nursery() as nursery:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except (OSError, trio.BrokenResourceError) as exc:
+                    log.warning("API accept failed: %s", exc)
+                    await trio.sleep(0.1)
+                    continue
+                nursery.start_soon(self._connection, stream)
+
+    async def _connection(self, stream) -> None:
+        try:
+            await TCPServer(self.app, self.config, self.context, ConnectionState({}), stream)
+        except Exception as exc:  # noqa: BLE001 - one connection never ends the API
+            log.debug("API connection ended: %s", exc)
+        finally:
+            # hypercorn may skip the EOF on Connection: close; make sure the stream is closed
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                await stream.aclose()
