@@ -25,6 +25,7 @@ from .api import ApiServer, create_app
 from .forwarder import ForwardError, Forwarder
 from .netstack import NetStack, NatPolicy, add_nat_arguments
 from .switch_host import HostSwitch
+from ..logs import setup_logging
 
 log = logging.getLogger("rdswitch.host")
 
@@ -74,16 +75,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def setup_logging(debug: bool, logfile: str | None) -> None:
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if logfile:
-        handlers.append(logging.FileHandler(logfile))
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, handlers=handlers,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    for noisy in ("pyroute2", "asyncio"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
 async def serve_listener(hs: HostSwitch, listener, url: str) -> None:
     async with listener:
         async with trio.open_nursery() as nursery:
@@ -110,7 +101,7 @@ async def amain(args: argparse.Namespace) -> int:
     dns = dns_server.from_args(args, args.net)
     hs = HostSwitch(args.net, capture=args.capture, search_domains=dns.search_domains)
     async with trio.open_nursery() as nursery:
-        hs.stack = NetStack(hs, args.nat_policy, dns=dns, nursery=nursery)
+        hs.stack = NetStack(hs, args.nat_policy, dns=dns)
         await nursery.start(hs.stack.run)
         forwarder = Forwarder(hs.stack)
         await nursery.start(forwarder.run)

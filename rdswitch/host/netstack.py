@@ -104,7 +104,7 @@ class SessionFlows:
 
 
 class NetStack:
-    def __init__(self, hs, policy: NatPolicy, *, dns=None, nursery: trio.Nursery | None = None) -> None:
+    def __init__(self, hs, policy: NatPolicy, *, dns=None) -> None:
         self.hs = hs
         self.policy = policy
         self.net = hs.net
@@ -118,7 +118,6 @@ class NetStack:
         # Local UDP endpoints on the gateway IP (port forwarding replies): port -> callback(port, UdpIn).
         self.udp_endpoints: dict[int, Callable] = {}
         self._next_ephemeral = 49152
-        self._nursery = nursery
 
     def listen_tcp(self, port: int, backlog: int = 128) -> VirtualTcpListener:
         """A virtual listener on gateway_ip:port (inside the network, not on the host)."""

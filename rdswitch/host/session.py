@@ -56,7 +56,7 @@ class Port:
             self._wakeup.unpark_all()
         return True
 
-    async def writer(self, send_hook=None) -> None:
+    async def writer(self) -> None:
         """Drain the queue into the link, one ``send_batch`` per burst."""
         queue = self._queue
         values = self.counters.values
@@ -72,8 +72,6 @@ class Port:
             self._queued_bytes -= size
             values["frames_out"] += len(batch)
             values["bytes_out"] += size
-            if send_hook is not None:
-                send_hook(batch)
             await self.link.send_batch(batch)
 
     def close(self) -> None:

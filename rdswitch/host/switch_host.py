@@ -133,7 +133,7 @@ class HostSwitch:
                 self.sessions[port.id] = port
                 self.switch.add_port(port)
                 log.info("%r: session started", port)
-                nursery.start_soon(self._writer, port)
+                nursery.start_soon(port.writer)
                 try:
                     await self._reader(port)
                 finally:
@@ -164,9 +164,6 @@ class HostSwitch:
             if not frames:
                 return
             self.from_vm(port, frames)
-
-    async def _writer(self, port: Port) -> None:
-        await port.writer()
 
     def stats(self) -> dict:
         return {

@@ -28,6 +28,7 @@ from ..handshake import HandshakeError, serve_handshake
 from . import links
 from .children import stop_process
 from .options import Options, init_command, parse_args, vm_switch_command
+from ..logs import setup_logging
 
 log = logging.getLogger("rdswitch.network_setup")
 
@@ -49,26 +50,6 @@ class State:
     init: trio.Process | None = None
     pid_file_written: bool = False
     exit_code: int = 0
-
-
-def setup_logging(debug: bool, logfile: str | None) -> None:
-    fmt = logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s")
-    root = logging.getLogger()
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
-    err = logging.StreamHandler(sys.stderr)
-    err.setLevel(logging.DEBUG if debug else logging.WARNING)
-    err.setFormatter(fmt)
-    root.addHandler(err)
-    if logfile:
-        try:
-            fh = logging.FileHandler(logfile)
-        except OSError as exc:
-            log.warning("cannot open log file %s (%s); logging to stderr only", logfile, exc.strerror or exc)
-        else:
-            fh.setFormatter(fmt)
-            root.addHandler(fh)
-    for noisy in ("pyroute2", "asyncio"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def write_pid_file(path: str, pid: int) -> None:
@@ -242,7 +223,7 @@ async def amain(opts: Options) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(sys.argv[1:] if argv is None else argv)
-    setup_logging(opts.debug, opts.logfile)
+    setup_logging(opts.debug, opts.logfile, stderr_level=logging.WARNING)
     if os.geteuid() != 0:
         log.error("network-setup needs root (it creates a network namespace and a veth pair)")
         return 1

@@ -1,9 +1,5 @@
 """trio streams over the sans-IO TCP endpoint (:mod:`rdswitch.stack.tcp`).
 
-(Coordination note: two helpers were given tcp.py/sockets.py; the committed
-tcp.py is the other helper's.  This file and tests/unit/test_sockets.py are
-written against that committed API.)
-
 :class:`VirtualTcpStream` is a :class:`trio.abc.HalfCloseableStream` over one
 :class:`~rdswitch.stack.tcp.TcpConnection`.  The owner (the gateway's demux)
 feeds it incoming segments with the synchronous :meth:`~VirtualTcpStream.deliver`

@@ -1,12 +1,5 @@
 """The virtual TCP endpoint: a sans-IO connection state machine.
 
-NOTE (coordination): two helpers were given this same file.  This version is
-the one committed to git; it passes all of tests/unit/test_tcp.py including
-the hypothesis property ``test_advertised_window_never_exceeds_free_room``
-(the other, uncommitted version looped forever there: an endless pure-ACK
-ping-pong between two connections).  Please extend this one (e.g. port the
-congestion window) instead of replacing it, and commit what you change.
-
 One :class:`TcpConnection` is one end of a TCP connection terminated by the
 virtual gateway.  It consumes and produces :class:`rdswitch.wire.tcp.Segment`
 objects (ports only; the gateway demultiplexes by 4-tuple and encodes IP) and

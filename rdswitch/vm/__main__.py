@@ -26,6 +26,7 @@ from ..framing import validate_framing
 from ..wire import ethernet, ipv4, udp
 from . import tap
 from .dhcp_client import Bound, DhcpClient, Lost, Renewed
+from ..logs import setup_logging
 
 log = logging.getLogger("rdswitch.vm")
 
@@ -73,7 +74,6 @@ class VmSwitch:
         self.tap_fd = -1
         self.client = DhcpClient(self.mac, xid=random.getrandbits(32), hostname=os.uname().nodename)
         self.server_mac = ethernet.BROADCAST
-        self.send_lock = trio.Lock()
         self.lease = None
         self.pending_events: list = []
         self.dhcp_wakeup = trio.Event()
@@ -118,10 +118,6 @@ class VmSwitch:
             reason = describe(exc)
         return reason
 
-    async def send(self, link, frames: list[bytes]) -> None:
-        async with self.send_lock:
-            await link.send_batch(frames)
-
     async def tap_to_link(self, link) -> None:
         fd = self.tap_fd
         read = os.read
@@ -137,7 +133,7 @@ class VmSwitch:
                 frames.append(frame)
                 size += len(frame)
             if frames:
-                await self.send(link, frames)
+                await link.send_batch(frames)
 
     async def link_to_tap(self, link) -> None:
         fd = self.tap_fd
@@ -174,7 +170,7 @@ class VmSwitch:
         self.client.start(trio.current_time())
         while True:
             for out in self.client.take_outgoing():
-                await self.send(link, [self.dhcp_frame(out)])
+                await link.send_batch([self.dhcp_frame(out)])  # the link serialises concurrent senders
             events, self.pending_events = self.pending_events, []
             for ev in events:
                 await self.on_dhcp_event(ev)
@@ -220,16 +216,6 @@ def write_resolv_conf(path: str, lease) -> None:
     with open(tmp, "w") as f:
         f.write("\n".join(lines) + "\n")
     os.replace(tmp, path)
-
-
-def setup_logging(debug: bool, logfile: str | None) -> None:
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if logfile:
-        handlers.append(logging.FileHandler(logfile))
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, handlers=handlers,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    for noisy in ("pyroute2", "asyncio"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,6 +29,7 @@ import trio
 from ..config import normalize_argv
 from .flows import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_FLOWS
 from .proxy import Proxy, log
+from ..logs import setup_logging
 
 DEFAULT_SOCKET = "/run/wsl-proxy.sock"
 DEFAULT_UPSTREAM = "192.168.1.2"
@@ -103,24 +104,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(_go_bools(normalize_argv(argv, _LONG_FLAGS)))
 
 
-def setup_logging(logfile: str, debug: bool) -> None:
-    root = logging.getLogger()
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    stderr = logging.StreamHandler(sys.stderr)
-    stderr.setFormatter(fmt)
-    stderr.setLevel(logging.DEBUG if debug else logging.WARNING)
-    root.addHandler(stderr)
-    if logfile:
-        try:
-            fh = logging.FileHandler(logfile)
-        except OSError as exc:
-            log.warning("cannot open log file %s: %s; logging to stderr only", logfile, exc.strerror or exc)
-        else:
-            fh.setFormatter(fmt)
-            root.addHandler(fh)
-
-
 def open_control_socket(path: str) -> socket.socket:
     """Bind the unix socket with mode 0600, replacing a stale socket file."""
     try:
@@ -183,7 +166,7 @@ async def amain(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    setup_logging(args.logfile, args.debug)
+    setup_logging(args.debug, args.logfile, stderr_level=logging.WARNING)
     try:
         return trio.run(amain, args)
     except KeyboardInterrupt:

@@ -6,7 +6,6 @@ import struct
 import subprocess
 import time
 
-import nsutil
 from testbed import wait_until
 
 

@@ -4,7 +4,7 @@ import ipaddress
 import struct
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
 
 from rdswitch.wire import arp, ethernet, icmp, ipv4, tcp, udp
 from rdswitch.wire.checksum import checksum, ones_sum
