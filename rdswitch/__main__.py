@@ -92,7 +92,7 @@ def self_check(ns: str) -> bool:
 
 @contextlib.contextmanager
 def open_sandbox(*, mtu: str = "1500", subnet: str = "192.168.127.0/24", allow=("127.0.0.0/8",),
-                 host_extra=(), ns: str | None = None):
+                 host_extra=(), vm_extra=(), ns: str | None = None):
     """Host-switch + namespace + vm-switch, up and addressed; torn down on exit.
 
     Yields the namespace name.  Shared by the sandbox command and the benchmarks.
@@ -114,7 +114,7 @@ def open_sandbox(*, mtu: str = "1500", subnet: str = "192.168.127.0/24", allow=(
         subprocess.run(["ip", "netns", "add", ns], check=True)
         stack.callback(subprocess.run, ["ip", "netns", "del", ns], check=False)
         vm = subprocess.Popen(["ip", "netns", "exec", ns, PY, "-m", "rdswitch.vm", "--connect", f"unix://{sock}",
-                               "--subnet", subnet, "--logfile", os.path.join(tmp, "vm-switch.log")],
+                               "--subnet", subnet, "--logfile", os.path.join(tmp, "vm-switch.log"), *vm_extra],
                               stderr=subprocess.DEVNULL)
         stack.callback(_stop, vm)
 

@@ -30,7 +30,7 @@ from ..logs import setup_logging
 
 log = logging.getLogger("rdswitch.vm")
 
-LONG_FLAGS = {"debug", "tap-interface", "tap-mac-address", "subnet", "logfile", "connect", "framing", "mtu",
+LONG_FLAGS = {"offload", "debug", "tap-interface", "tap-mac-address", "subnet", "logfile", "connect", "framing", "mtu",
               "resolv-conf", "retry-interval"}
 READ_BATCH_BYTES = 1 << 20
 READ_BATCH_FRAMES = 256
@@ -47,6 +47,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--connect", default="fd://3", help="data connection: fd://N (default fd://3), unix:///path, tcp://host:port, vsock://cid:port")
     p.add_argument("--framing", default="stdio", help="stdio (16-bit LE length, default), qemu, bess, vfkit")
     p.add_argument("--resolv-conf", default=None, help="write nameserver/search from DHCP to this file")
+    p.add_argument("--offload", action="store_true",
+                   help="open the tap with virtio-net headers: the VM's kernel hands over 64 KiB TCP segments "
+                        "(TSO) and skips checksum checks; needs rdswitch's host-switch (frames exceed the MTU)")
     p.add_argument("--retry-interval", type=float, default=1.0, help="seconds between reconnects when a session fails")
     args = p.parse_args(normalize_argv(argv, LONG_FLAGS))
     try:
@@ -82,9 +85,10 @@ class VmSwitch:
         if await trio.to_thread.run_sync(tap.link_exists, self.name):
             log.error("interface %s already exists; refusing to start", self.name)
             return 1
-        self.tap_fd = tap.open_tap(self.name)
+        self.tap_fd = tap.open_tap(self.name, self.args.offload)
         try:
-            await trio.to_thread.run_sync(tap.setup_link, self.name, format_mac(self.mac), self.args.initial_mtu)
+            await trio.to_thread.run_sync(tap.setup_link, self.name, format_mac(self.mac), self.args.initial_mtu,
+                                          self.args.offload)
             log.info("tap %s up with MAC %s", self.name, format_mac(self.mac))
             url = self.args.connect
             while True:
@@ -121,15 +125,18 @@ class VmSwitch:
     async def tap_to_link(self, link) -> None:
         fd = self.tap_fd
         read = os.read
+        skip = tap.VNET_HDR_LEN if self.args.offload else 0
         while True:
             await trio.lowlevel.wait_readable(fd)
             frames = []
             size = 0
             while len(frames) < READ_BATCH_FRAMES and size < READ_BATCH_BYTES:
                 try:
-                    frame = read(fd, 65536)
+                    frame = read(fd, 65536 + skip)
                 except BlockingIOError:
                     break
+                if skip:
+                    frame = memoryview(frame)[skip:]  # drop the virtio_net_hdr without copying
                 frames.append(frame)
                 size += len(frame)
             if frames:
@@ -137,7 +144,14 @@ class VmSwitch:
 
     async def link_to_tap(self, link) -> None:
         fd = self.tap_fd
-        write = os.write
+        if self.args.offload:
+            writev = os.writev
+            hdr = tap.VNET_HDR_DATA_VALID
+
+            def write(fd, frame):
+                return writev(fd, (hdr, frame))
+        else:
+            write = os.write
         while True:
             frames = await link.receive_batch()
             if not frames:
