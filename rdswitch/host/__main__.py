@@ -133,9 +133,21 @@ async def amain(args: argparse.Namespace) -> int:
     return 0
 
 
+def raise_fd_limit() -> None:
+    """Every NAT flow holds a host socket: use the whole hard limit, not the usual soft 1024."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or hard > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20), hard))
+    except (ImportError, ValueError, OSError) as exc:  # not on Windows; or not permitted
+        log.debug("cannot raise the fd limit: %s", exc)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging(args.debug, args.logfile)
+    raise_fd_limit()
     return trio.run(amain, args)
 
 

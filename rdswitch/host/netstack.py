@@ -31,6 +31,7 @@ log = logging.getLogger("rdswitch.nat")
 
 LINK_LOCAL = ipaddress.IPv4Network("169.254.0.0/16")
 PIPE_CHUNK = 1 << 18
+MAX_DNS_INFLIGHT = 128  # DNS queries of one session being answered at once
 
 
 def add_nat_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,7 +42,8 @@ def add_nat_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to dial a host for a VM's SYN")
     g.add_argument("--max-pending-dials", type=int, default=256, help="concurrent host dials per session")
     g.add_argument("--udp-idle-timeout", type=float, default=90.0, help="seconds before an idle UDP flow closes")
-    g.add_argument("--max-udp-flows", type=int, default=4096, help="UDP flows per session")
+    g.add_argument("--max-udp-flows", type=int, default=1024, help="UDP flows (host sockets) per session")
+    g.add_argument("--max-tcp-flows", type=int, default=4096, help="TCP flows (host sockets) per session")
     g.add_argument("--tcp-buffer", type=int, default=0, help="per-flow TCP buffer bytes (0: derived from the MTU)")
 
 
@@ -53,8 +55,9 @@ class NatPolicy:
     connect_timeout: float = 10.0
     max_pending_dials: int = 256
     udp_idle_timeout: float = 90.0
-    max_udp_flows: int = 4096
+    max_udp_flows: int = 1024
     tcp_buffer: int = 0
+    max_tcp_flows: int = 4096
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, net: NetConfig) -> "NatPolicy":
@@ -62,11 +65,11 @@ class NatPolicy:
         for name in ("connect_timeout", "udp_idle_timeout"):
             if getattr(args, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")
-        for name in ("max_pending_dials", "max_udp_flows"):
+        for name in ("max_pending_dials", "max_udp_flows", "max_tcp_flows"):
             if getattr(args, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         return cls(net, allow, args.allow_link_local, args.connect_timeout, args.max_pending_dials,
-                   args.udp_idle_timeout, args.max_udp_flows, args.tcp_buffer)
+                   args.udp_idle_timeout, args.max_udp_flows, args.tcp_buffer, args.max_tcp_flows)
 
     def destination(self, dst: bytes) -> tuple[str | None, str]:
         """Map a virtual destination to the host address to dial, or refuse.
@@ -74,10 +77,15 @@ class NatPolicy:
         Returns (ip, "") or (None, reason).
         """
         addr = ipaddress.IPv4Address(dst)
-        real = self.net.nat_table.get(addr, addr)
+        real = self.net.nat_table.get(addr)
+        if real is None:
+            if addr.is_loopback:
+                return None, "loopback"  # the host's loopback only through the NAT table (.254)
+            real = addr
         if real in LINK_LOCAL and not self.allow_link_local:
             return None, "link-local"
-        if real.is_multicast or real == ipaddress.IPv4Address("255.255.255.255") or real.is_unspecified:
+        if (real.is_multicast or real == ipaddress.IPv4Address("255.255.255.255") or real.is_unspecified
+                or addr == self.net.subnet.broadcast_address):
             return None, "not-unicast"
         if addr in self.net.subnet and addr not in self.net.nat_table:
             return None, "virtual-subnet"
@@ -92,15 +100,34 @@ class NatPolicy:
         return max(1 << 20, 32 * (self.net.mtu - 40))
 
 
+@attrs.define
+class PendingDial:
+    """A SYN whose host dial is in progress (the flow table's placeholder)."""
+
+    scope: trio.CancelScope
+
+
+async def dial_tcp(ip: str, port: int) -> trio.SocketStream:
+    """Connect to an IP literal (no name lookup); OSError keeps its errno (ECONNREFUSED, ...)."""
+    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        await sock.connect((ip, port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
+
+
 class SessionFlows:
     """The flow tables of one session (one VM port)."""
 
     def __init__(self, port: Port) -> None:
         self.port = port
-        self.tcp: dict[tuple, VirtualTcpStream | None] = {}  # None: dial in progress
+        self.tcp: dict[tuple, VirtualTcpStream | PendingDial] = {}
         self.udp: dict[tuple, "UdpFlow"] = {}
         self.pending_dials = 0
         self.pings = 0
+        self.dns_queries = 0
 
 
 class NetStack:
@@ -118,6 +145,8 @@ class NetStack:
         # Local UDP endpoints on the gateway IP (port forwarding replies): port -> callback(port, UdpIn).
         self.udp_endpoints: dict[int, Callable] = {}
         self._next_ephemeral = 49152
+        # Streams fed segments during the current batch of frames; flushed once per batch.
+        self.dirty: set[VirtualTcpStream] = set()
 
     def listen_tcp(self, port: int, backlog: int = 128) -> VirtualTcpListener:
         """A virtual listener on gateway_ip:port (inside the network, not on the host)."""
@@ -146,7 +175,15 @@ class NetStack:
         return f
 
     def session_closed(self, port: Port) -> None:
-        self.sessions.pop(port.id, None)
+        """Forget a session's flows; reset its streams (local service handlers see the reset and end)."""
+        flows = self.sessions.pop(port.id, None)
+        if flows is None:
+            return
+        for stream in list(flows.tcp.values()):
+            if type(stream) is VirtualTcpStream:
+                self.dirty.discard(stream)
+                stream.abort_if_open()
+        flows.tcp.clear()
 
     def handle(self, port: Port, event) -> None:
         if type(event) is TcpIn:
@@ -163,9 +200,14 @@ class NetStack:
         flows = self.flows(port)
         if key in flows.tcp:
             stream = flows.tcp[key]
-            if stream is not None:
-                stream.deliver(seg)
-            return  # a retransmitted SYN while we dial: the answer comes when the dial ends
+            if type(stream) is PendingDial:
+                if seg.flags & tcp.RST:  # the VM gave up: stop dialling
+                    stream.scope.cancel()
+                return  # a retransmitted SYN while we dial: the answer comes when the dial ends
+            # Process now, transmit (ACKs, window updates) once per batch of frames: flush_dirty().
+            stream.conn.receive_segment(seg, trio.current_time())
+            self.dirty.add(stream)
+            return
         if seg.flags & (tcp.SYN | tcp.ACK | tcp.RST) != tcp.SYN:
             rst = rst_for(seg)
             if rst is not None:
@@ -178,12 +220,21 @@ class NetStack:
         if dst is None:
             self._refuse_syn(port, ev, reason)
             return
+        if len(flows.tcp) >= self.policy.max_tcp_flows:
+            self._refuse_syn(port, ev, "flow-limit")
+            return
         if flows.pending_dials >= self.policy.max_pending_dials:
             port.counters.drop("tcp-dial-limit")  # the VM retransmits its SYN
             return
-        flows.tcp[key] = None
+        pending = flows.tcp[key] = PendingDial(trio.CancelScope())
         flows.pending_dials += 1
-        port.nursery.start_soon(self._tcp_flow, port, flows, ev, key, dst)
+        port.nursery.start_soon(self._tcp_flow, port, flows, ev, key, dst, pending)
+
+    def flush_dirty(self) -> None:
+        """Transmit what the streams fed during one batch of frames queued (one ACK per stream, not per segment)."""
+        dirty = self.dirty
+        while dirty:
+            dirty.pop().flush()
 
     def _refuse_syn(self, port: Port, ev: TcpIn, reason: str) -> None:
         port.counters.drop(f"tcp-{reason}")
@@ -224,7 +275,7 @@ class NetStack:
             self._refuse_syn(port, ev, "closed-port")
             return
         stream = self._new_stream(port, flows, ev, key, trio.current_time())
-        if not listener.push(stream):
+        if len(flows.tcp) >= self.policy.max_tcp_flows or not listener.push(stream):
             self._refuse_syn(port, ev, "backlog-full")
             return
         flows.tcp[key] = stream
@@ -233,26 +284,31 @@ class NetStack:
         port.nursery.start_soon(stream.timer_loop)
         port.counters.values["tcp_local_total"] += 1
 
-    async def _tcp_flow(self, port: Port, flows: SessionFlows, ev: TcpIn, key: tuple, dst: str) -> None:
+    async def _tcp_flow(self, port: Port, flows: SessionFlows, ev: TcpIn, key: tuple, dst: str,
+                        pending: "PendingDial") -> None:
         counters = port.counters
         stream = None
         try:
             host_stream = None
+            failure = "timeout"
             try:
-                with trio.move_on_after(self.policy.connect_timeout):
-                    host_stream = await trio.open_tcp_stream(dst, ev.seg.dst_port)
+                with pending.scope, trio.move_on_after(self.policy.connect_timeout):
+                    host_stream = await dial_tcp(dst, ev.seg.dst_port)
             except OSError as exc:
-                flows.pending_dials -= 1
-                flows.tcp.pop(key, None)
-                counters.drop("tcp-dial-refused" if exc.errno == errno.ECONNREFUSED else "tcp-dial-failed")
+                failure = "refused" if exc.errno == errno.ECONNREFUSED else "failed"
                 log.debug("%r: dial %s:%d failed: %s", port, dst, ev.seg.dst_port, exc)
-                self._refuse_syn(port, ev, "dial-failed")
-                return
-            flows.pending_dials -= 1
+            finally:
+                flows.pending_dials -= 1
+                if flows.tcp.get(key) is pending:
+                    del flows.tcp[key]
             if host_stream is None:
-                flows.tcp.pop(key, None)
-                counters.drop("tcp-dial-timeout")
-                return  # nothing: the VM's own SYN timeout applies
+                if pending.scope.cancelled_caught:
+                    counters.drop("tcp-dial-abandoned")  # the VM reset its SYN while we dialled
+                elif failure == "timeout":
+                    counters.drop("tcp-dial-timeout")  # nothing sent: the VM's own SYN timeout applies
+                else:
+                    self._refuse_syn(port, ev, f"dial-{failure}")
+                return
             async with host_stream:
                 stream = self._new_stream(port, flows, ev, key, trio.current_time())
                 flows.tcp[key] = stream
@@ -272,8 +328,8 @@ class NetStack:
         finally:
             if stream is not None:
                 stream.abort_if_open()
-            if flows.tcp.get(key) is stream:
-                flows.tcp.pop(key, None)
+                if flows.tcp.get(key) is stream:
+                    del flows.tcp[key]
 
     # ---- into the VM (port forwarding) -----------------------------------------------------
     def session_for(self, vm_ip: bytes) -> tuple[Port, bytes] | None:
@@ -334,9 +390,15 @@ class NetStack:
                           f"{socket.inet_ntoa(vm_ip)}:{vm_port} {'refused' if refused else 'did not answer'}") from None
         return port, stream
 
-    def send_udp(self, port: Port, vm_mac: bytes, src_port: int, vm_ip: bytes, vm_port: int, payload: bytes) -> None:
-        """A datagram from the gateway IP into a VM."""
-        self.hs.send_to(port, self.gateway.udp_frame(vm_mac, self.gateway_ip, src_port, vm_ip, vm_port, payload))
+    def send_udp(self, port: Port, vm_mac: bytes, src_port: int, vm_ip: bytes, vm_port: int, payload: bytes,
+                 src_ip: bytes | None = None) -> None:
+        """A datagram into a VM (from the gateway IP unless ``src_ip``), fragmented to the MTU if needed."""
+        frames = self.gateway.udp_frames(vm_mac, src_ip or self.gateway_ip, src_port, vm_ip, vm_port, payload)
+        if frames is None:
+            port.counters.drop("udp-too-large")
+            return
+        for frame in frames:
+            self.hs.send_to(port, frame)
 
     # ---- UDP -----------------------------------------------------------------------------
     def udp_in(self, port: Port, ev: UdpIn) -> None:
@@ -345,7 +407,13 @@ class NetStack:
             if endpoint is not None:
                 endpoint(port, ev)
             elif ev.dst_port == 53 and self.dns is not None:
-                port.nursery.start_soon(self._dns_query, port, ev.src_mac, ev.src_ip, ev.src_port, bytes(ev.payload))
+                flows = self.flows(port)
+                if flows.dns_queries >= MAX_DNS_INFLIGHT:
+                    port.counters.drop("dns-inflight-limit")  # the resolver retries
+                    return
+                flows.dns_queries += 1
+                port.nursery.start_soon(self._dns_query, port, flows, ev.src_mac, ev.src_ip, ev.src_port,
+                                        bytes(ev.payload))
             else:
                 port.counters.drop("udp-closed-port")
                 self.hs.send_to(port, self.gateway.icmp_unreachable(ev.src_mac, self.gateway_ip, ev.src_ip,
@@ -358,8 +426,9 @@ class NetStack:
             dst, reason = self.policy.destination(ev.dst_ip)
             if dst is None:
                 port.counters.drop(f"udp-{reason}")
-                self.hs.send_to(port, self.gateway.icmp_unreachable(ev.src_mac, self.gateway_ip, ev.src_ip,
-                                                                     icmp.ADMIN_PROHIBITED, ev.ip_packet))
+                if reason != "not-unicast":  # never answer broadcast/multicast with ICMP errors (RFC 1122)
+                    self.hs.send_to(port, self.gateway.icmp_unreachable(ev.src_mac, self.gateway_ip, ev.src_ip,
+                                                                         icmp.ADMIN_PROHIBITED, ev.ip_packet))
                 return
             if len(flows.udp) >= self.policy.max_udp_flows:
                 port.counters.drop("udp-flow-limit")
@@ -375,14 +444,16 @@ class NetStack:
             port.nursery.start_soon(flow.run)
         flow.send(bytes(ev.payload))
 
-    async def _dns_query(self, port: Port, vm_mac: bytes, vm_ip: bytes, vm_port: int, query: bytes) -> None:
+    async def _dns_query(self, port: Port, flows: SessionFlows, vm_mac: bytes, vm_ip: bytes, vm_port: int,
+                         query: bytes) -> None:
         try:
             reply = await self.dns.handle_udp(query, (socket.inet_ntoa(vm_ip), vm_port))
-        except Exception as exc:  # noqa: BLE001
+            if reply:
+                self.send_udp(port, vm_mac, 53, vm_ip, vm_port, reply, src_ip=self.gateway_ip)
+        except Exception as exc:  # noqa: BLE001 - one query never ends the session
             log.warning("DNS query failed: %s", describe(exc))
-            return
-        if reply:
-            self.hs.send_to(port, self.gateway.udp_frame(vm_mac, self.gateway_ip, 53, vm_ip, vm_port, reply))
+        finally:
+            flows.dns_queries -= 1
 
     # ---- ICMP ----------------------------------------------------------------------------
     def icmp_in(self, port: Port, ev: IcmpEchoIn) -> None:
@@ -401,9 +472,10 @@ class NetStack:
         try:
             reply = await ping_once(dst, ev.msg, timeout=5.0)
             if reply is not None:
-                frame = self.gateway.ip_frame(ev.src_mac, ev.dst_ip, ev.src_ip, 1,
-                                              icmp.build(icmp.IcmpMessage(icmp.ECHO_REPLY, 0, ev.msg.rest, reply)))
-                self.hs.send_to(port, frame)
+                frames = self.gateway.ip_frames(ev.src_mac, ev.dst_ip, ev.src_ip, 1,
+                                                icmp.build(icmp.IcmpMessage(icmp.ECHO_REPLY, 0, ev.msg.rest, reply)))
+                for frame in frames or ():
+                    self.hs.send_to(port, frame)
                 port.counters.values["icmp_echo_forwarded"] += 1
             else:
                 port.counters.drop("icmp-no-reply")
@@ -417,14 +489,15 @@ class NetStack:
 async def ping_once(dst: str, msg: icmp.IcmpMessage, timeout: float) -> bytes | None:
     """Send one echo request from the host; return the real reply's payload or None.
 
-    Uses an unprivileged ping socket (the kernel picks the identifier and
-    matches replies for us); falls back to a raw socket when those are not
-    allowed (root without ping_group_range).
+    Uses an unprivileged ping socket (Linux: the kernel picks the identifier
+    and matches replies); falls back to a raw socket where those are not
+    allowed.  Some systems (macOS) include the IP header on either kind, so it
+    is stripped whenever present.
     """
     try:
         sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
         raw = False
-    except PermissionError:
+    except OSError:
         sock = trio.socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
         raw = True
     with sock:
@@ -434,10 +507,10 @@ async def ping_once(dst: str, msg: icmp.IcmpMessage, timeout: float) -> bytes | 
         with trio.move_on_after(timeout):
             while True:
                 data, addr = await sock.recvfrom(65535)
-                if raw:
-                    data = data[(data[0] & 0xF) * 4:]
                 if addr[0] != dst:
                     continue
+                if data and data[0] >> 4 == 4 and len(data) >= 20:  # an IP header first (raw, or macOS)
+                    data = data[(data[0] & 0xF) * 4:]
                 try:
                     reply = icmp.parse(data)
                 except ValueError:
@@ -513,8 +586,7 @@ class UdpFlow:
                         except (BlockingIOError, ConnectionRefusedError):
                             break  # refused: an ICMP error for an earlier send; keep the flow
                         self.last_activity = trio.current_time()
-                        stack.hs.send_to(self.port, stack.gateway.udp_frame(self.vm_mac, virt_dst_ip, virt_dst_port,
-                                                                            vm_ip, vm_port, data))
+                        stack.send_udp(self.port, self.vm_mac, virt_dst_port, vm_ip, vm_port, data, src_ip=virt_dst_ip)
         except OSError as exc:
             log.debug("udp flow %s failed: %s", self.dst, exc)
         finally:

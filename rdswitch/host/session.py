@@ -24,6 +24,9 @@ _ids = itertools.count(1)
 # window, so the limit is a safety net against a misbehaving sender, not the
 # flow control itself.
 QUEUE_LIMIT_BYTES = 64 << 20
+# The 16-bit framing carries at most this much per frame; a larger frame is
+# dropped here (counted) rather than failing the whole batch in the writer.
+MAX_FRAME = 65535
 SEND_BATCH_BYTES = 1 << 20
 
 
@@ -47,6 +50,9 @@ class Port:
         if self.closed:
             return False
         n = len(frame)
+        if n > MAX_FRAME:
+            self.counters.drop("frame-too-large")
+            return False
         if self._queued_bytes + n > QUEUE_LIMIT_BYTES:
             self.counters.drop("queue-full")
             return False

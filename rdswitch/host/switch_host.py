@@ -37,17 +37,28 @@ class Capture:
     """Every frame that enters the switch, as pcap records (debugging aid)."""
 
     def __init__(self, path: str) -> None:
+        self.failed = False
         self.file = open(path, "wb", buffering=1 << 20)
         self.file.write(pcap.pcap_header())
         self.file.flush()
 
     def write(self, frames) -> None:
+        if self.failed:
+            return
         ts = time.time()
-        for frame in frames:
-            self.file.write(pcap.pcap_record(bytes(frame), ts))
+        try:
+            for frame in frames:
+                self.file.write(pcap.pcap_record(bytes(frame), ts))
+        except OSError as exc:  # a full disk stops the capture, not the network
+            self.failed = True
+            log.error("capture stopped: %s", exc)
 
     def flush(self) -> None:
-        self.file.flush()
+        try:
+            self.file.flush()
+        except OSError as exc:
+            self.failed = True
+            log.error("capture stopped: %s", exc)
 
     def close(self) -> None:
         self.file.close()
@@ -59,6 +70,7 @@ class HostSwitch:
         self.switch = Switch()
         self.gw_port = _GatewayPort()
         self.switch.add_port(self.gw_port)
+        self.switch.pin(net.gateway_mac, self.gw_port)  # no VM can steal the gateway's MAC
         self.counters = Counters()
         self.dhcp = DhcpServer(net, search_domains=search_domains,
                                dns_servers=dns_servers if dns_servers is not None else (net.gateway_ip,))
@@ -89,6 +101,8 @@ class HostSwitch:
                 else:
                     out.enqueue(frame)
         values["bytes_in"] += nbytes
+        if self.stack is not None and self.stack.dirty:
+            self.stack.flush_dirty()
 
     def _to_gateway(self, port: Port, frame, now: float) -> None:
         try:

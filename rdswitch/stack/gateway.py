@@ -121,14 +121,14 @@ class Gateway:
         proto = pkt.proto
         if proto == ipv4.PROTO_TCP:
             seg = tcp.parse(pkt.payload)
-            if seg.flags & tcp.SYN:
+            if seg.flags & tcp.SYN and pkt.src in self._subnet:
                 self.neighbors[pkt.src] = src_mac
             return [], TcpIn(src_mac, pkt.src, pkt.dst, seg)
         if proto == ipv4.PROTO_UDP:
             sport, dport, payload = udp.parse(pkt.payload)
             if dport == DHCP_SERVER_PORT and (pkt.dst == BROADCAST_IP or pkt.dst == self.ip):
                 return self._input_dhcp(payload, now), None
-            if pkt.src != b"\0\0\0\0":
+            if pkt.src in self._subnet:
                 self.neighbors[pkt.src] = src_mac
             return [], UdpIn(src_mac, pkt.src, sport, pkt.dst, dport, payload, data)
         if proto == ipv4.PROTO_ICMP:
@@ -136,7 +136,8 @@ class Gateway:
             if msg.type != icmp.ECHO_REQUEST:
                 self.counters.drop(f"icmp-type-{msg.type}")
                 return [], None
-            self.neighbors[pkt.src] = src_mac
+            if pkt.src in self._subnet:
+                self.neighbors[pkt.src] = src_mac
             if pkt.dst == self.ip:
                 self.counters.values["icmp_echo_replies"] += 1
                 reply = icmp.build(icmp.echo_reply(msg))
@@ -177,6 +178,25 @@ class Gateway:
         return b"".join((self._eth_hdr(dst_mac),
                          ipv4.build_header(src_ip, dst_ip, proto, len(payload), ttl=ttl, ident=self._next_ident()),
                          payload))
+
+    def ip_frames(self, dst_mac: bytes, src_ip: bytes, dst_ip: bytes, proto: int,
+                  payload: bytes | memoryview) -> list[bytes] | None:
+        """Frames carrying one IP packet, fragmented to the MTU; None if it cannot be carried (counted)."""
+        try:
+            packets = ipv4.fragment(src_ip, dst_ip, proto, payload, self.net.mtu, ident=self._next_ident())
+        except ValueError:
+            self.counters.drop("ip-too-large")
+            return None
+        hdr = self._eth_hdr(dst_mac)
+        return [hdr + p for p in packets]
+
+    def udp_frames(self, dst_mac: bytes, src_ip: bytes, src_port: int, dst_ip: bytes, dst_port: int,
+                   payload: bytes | memoryview) -> list[bytes] | None:
+        """A datagram of any size (fragmented to the MTU); None if over the IPv4 limit."""
+        if len(payload) > 0xFFFF - 28:
+            self.counters.drop("udp-too-large")
+            return None
+        return self.ip_frames(dst_mac, src_ip, dst_ip, ipv4.PROTO_UDP, udp.build(src_port, dst_port, payload, src_ip, dst_ip))
 
     def udp_frame(self, dst_mac: bytes, src_ip: bytes, src_port: int, dst_ip: bytes, dst_port: int,
                   payload: bytes | memoryview) -> bytes:

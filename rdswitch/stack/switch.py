@@ -11,9 +11,13 @@ from typing import Hashable, Iterable
 
 
 class Switch:
-    def __init__(self) -> None:
+    def __init__(self, max_macs_per_port: int = 256) -> None:
         self._ports: list[Hashable] = []
         self._mac_table: dict[bytes, Hashable] = {}
+        self._pinned: dict[bytes, Hashable] = {}
+        self._macs_per_port: dict[Hashable, int] = {}
+        self.max_macs_per_port = max_macs_per_port
+        self.refused_learning = 0  # frames whose source MAC was not learnt (pinned elsewhere, or port full)
 
     @property
     def ports(self) -> tuple[Hashable, ...]:
@@ -26,12 +30,34 @@ class Switch:
     def remove_port(self, port: Hashable) -> None:
         if port in self._ports:
             self._ports.remove(port)
-        for mac in [m for m, p in self._mac_table.items() if p is port or p == port]:
+        for mac in [m for m, p in self._mac_table.items() if p is port and m not in self._pinned]:
             del self._mac_table[mac]
+        self._macs_per_port.pop(port, None)
+
+    def pin(self, mac: bytes, port: Hashable) -> None:
+        """``mac`` lives on ``port`` for good: frames from elsewhere claiming it are not learnt."""
+        self._pinned[mac] = port
+        self._mac_table[mac] = port
 
     def learn(self, mac: bytes, port: Hashable) -> None:
-        if not mac[0] & 1:
-            self._mac_table[mac] = port
+        """Learn ``mac`` on ``port`` unless it is multicast, pinned elsewhere, or the port has too many."""
+        if mac[0] & 1:
+            return
+        old = self._mac_table.get(mac)
+        if old is port:
+            return
+        pinned = self._pinned.get(mac)
+        if pinned is not None and pinned is not port:
+            self.refused_learning += 1
+            return
+        count = self._macs_per_port.get(port, 0)
+        if count >= self.max_macs_per_port:
+            self.refused_learning += 1
+            return
+        if old is not None:
+            self._macs_per_port[old] -= 1
+        self._macs_per_port[port] = count + 1
+        self._mac_table[mac] = port
 
     def lookup(self, mac: bytes) -> Hashable | None:
         return self._mac_table.get(mac)
@@ -45,8 +71,8 @@ class Switch:
         ``frame`` must be at least 14 bytes (callers drop shorter ones).
         """
         src = bytes(frame[6:12])
-        if not src[0] & 1 and self._mac_table.get(src) is not in_port:
-            self._mac_table[src] = in_port
+        if self._mac_table.get(src) is not in_port:
+            self.learn(src, in_port)
         dst = bytes(frame[0:6])
         if not dst[0] & 1:
             out = self._mac_table.get(dst)

@@ -49,7 +49,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--resolv-conf", default=None, help="write nameserver/search from DHCP to this file")
     p.add_argument("--offload", action="store_true",
                    help="open the tap with virtio-net headers: the VM's kernel hands over 64 KiB TCP segments "
-                        "(TSO) and skips checksum checks; needs rdswitch's host-switch (frames exceed the MTU)")
+                        "(TSO); needs rdswitch's host-switch (those frames exceed the MTU)")
     p.add_argument("--retry-interval", type=float, default=1.0, help="seconds between reconnects when a session fails")
     args = p.parse_args(normalize_argv(argv, LONG_FLAGS))
     try:
@@ -63,10 +63,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def is_dhcp_reply(frame: bytes | memoryview) -> bool:
-    """A cheap test on the hot path: IPv4, IHL 5, UDP, destination port 68."""
+def is_dhcp_reply(frame: bytes | memoryview, mac: bytes) -> bool:
+    """A cheap test on the hot path: IPv4, IHL 5, UDP, destination port 68, to us or broadcast."""
     return (len(frame) >= 42 and frame[12] == 8 and frame[13] == 0 and frame[14] == 0x45 and frame[23] == 17
-            and frame[36] == 0 and frame[37] == 68)
+            and frame[36] == 0 and frame[37] == 68 and (frame[0:6] == mac or frame[0:6] == ethernet.BROADCAST))
 
 
 class VmSwitch:
@@ -146,7 +146,7 @@ class VmSwitch:
         fd = self.tap_fd
         if self.args.offload:
             writev = os.writev
-            hdr = tap.VNET_HDR_DATA_VALID
+            hdr = tap.VNET_HDR_PLAIN
 
             def write(fd, frame):
                 return writev(fd, (hdr, frame))
@@ -157,7 +157,7 @@ class VmSwitch:
             if not frames:
                 return
             for frame in frames:
-                if is_dhcp_reply(frame):
+                if is_dhcp_reply(frame, self.mac):
                     self.on_dhcp_frame(frame)
                     continue
                 try:
@@ -176,8 +176,11 @@ class VmSwitch:
             _sport, _dport, payload = udp.parse(pkt.payload)
         except ValueError:
             return
-        self.server_mac = bytes(frame[6:12])
-        self.pending_events.extend(self.client.receive(bytes(payload), trio.current_time()))
+        payload = bytes(payload)
+        # Only a reply for our transaction tells us the server's MAC (xid at offset 4 of BOOTP).
+        if len(payload) >= 8 and int.from_bytes(payload[4:8], "big") == self.client.xid:
+            self.server_mac = bytes(frame[6:12])
+        self.pending_events.extend(self.client.receive(payload, trio.current_time()))
         self.dhcp_wakeup.set()
 
     async def dhcp_loop(self, link) -> None:
@@ -210,10 +213,14 @@ class VmSwitch:
                 log.info("DHCP %s: %s/%d router %s mtu %s dns %s search %s", "bound" if isinstance(ev, Bound) else "renewed",
                          lease.ip, lease.prefixlen, lease.router, lease.mtu, [str(d) for d in lease.dns_servers],
                          lease.search_domains)
-                await trio.to_thread.run_sync(tap.configure_address, self.name, str(lease.ip), lease.prefixlen,
-                                              str(lease.router) if lease.router else None, lease.mtu)
-                if self.args.resolv_conf:
-                    write_resolv_conf(self.args.resolv_conf, lease)
+                try:
+                    await trio.to_thread.run_sync(tap.configure_address, self.name, str(lease.ip), lease.prefixlen,
+                                                  str(lease.router) if lease.router else None, lease.mtu)
+                    if self.args.resolv_conf:
+                        write_resolv_conf(self.args.resolv_conf, lease)
+                except (OSError, tap.TapError) as exc:  # NetlinkError is an OSError
+                    log.error("cannot configure %s from the lease: %s (retrying at renewal)", self.name, exc)
+                    return
             self.lease = lease
         elif isinstance(ev, Lost):
             log.warning("DHCP lease lost: %s", ev.reason)

@@ -65,3 +65,29 @@ def build_header(src: bytes, dst: bytes, proto: int, payload_len: int, *, ttl: i
 
 def build(src: bytes, dst: bytes, proto: int, payload: bytes | memoryview, **kw) -> bytes:
     return build_header(src, dst, proto, len(payload), **kw) + bytes(payload)
+
+
+def fragment(src: bytes, dst: bytes, proto: int, payload: bytes | memoryview, mtu: int, *, ident: int,
+             ttl: int = 64) -> list[bytes]:
+    """The IPv4 packets carrying ``payload`` within ``mtu`` (RFC 791 fragmentation).
+
+    One unfragmented packet (DF clear) when it fits.  Raises ValueError when
+    the payload cannot be carried at all (more than 65515 bytes).
+    """
+    if HEADER_LEN + len(payload) > 0xFFFF:
+        raise ValueError(f"IPv4 payload too large: {len(payload)}")
+    if HEADER_LEN + len(payload) <= mtu:
+        return [build_header(src, dst, proto, len(payload), ttl=ttl, ident=ident, dont_fragment=False) + bytes(payload)]
+    step = (mtu - HEADER_LEN) & ~7
+    if step <= 0:
+        raise ValueError(f"MTU {mtu} too small to fragment")
+    view = memoryview(payload)
+    out = []
+    for off in range(0, len(view), step):
+        chunk = view[off:off + step]
+        more = off + step < len(view)
+        hdr = bytearray(_HDR.pack(0x45, 0, HEADER_LEN + len(chunk), ident & 0xFFFF,
+                                  (0x2000 if more else 0) | (off >> 3), ttl, proto, 0, src, dst))
+        struct.pack_into("!H", hdr, 10, checksum(hdr))
+        out.append(bytes(hdr) + bytes(chunk))
+    return out

@@ -6,6 +6,7 @@
     python peers.py halfclose HOST PORT      client: send, shut down writing, read the whole reply
     python peers.py many HOST PORT N         client: N concurrent TCP round trips, print how many succeeded
     python peers.py udpmany HOST PORT N      client: N concurrent UDP flows, print how many got their echo
+    python peers.py udpbig HOST PORT N       client: ask the UDP server for an N-byte datagram
     python peers.py refused HOST PORT        client: print the seconds until connection refused
 
 Data is deterministic (sha256 chains), so both ends can compute what was meant
@@ -81,7 +82,25 @@ class Echo(asyncio.DatagramProtocol):
         self.transport = transport
 
     def datagram_received(self, data, addr):
+        if data.startswith(b"BIG "):  # reply with N bytes: exercises fragmentation towards the VM
+            n = int(data[4:])
+            self.transport.sendto(bytes(i & 0xFF for i in range(n)), addr)
+            return
         self.transport.sendto(data, addr)
+
+
+def udpbig(host, port, n):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(3)
+        for _attempt in range(3):
+            s.sendto(f"BIG {n}".encode(), (host, port))
+            try:
+                data = s.recv(70000)
+            except socket.timeout:
+                continue
+            print(len(data), "ok" if data == bytes(i & 0xFF for i in range(n)) else "MISMATCH")
+            return
+        print(0, "timeout")
 
 
 async def serve(host: str, port: int) -> None:
@@ -196,6 +215,8 @@ def main():
         asyncio.run(many(host, port, int(rest[0])))
     elif cmd == "udpmany":
         asyncio.run(udpmany(host, port, int(rest[0])))
+    elif cmd == "udpbig":
+        udpbig(host, port, int(rest[0]))
     elif cmd == "refused":
         refused(host, port)
 

@@ -179,3 +179,13 @@ def test_iperf3_both_directions(bed):
         stop(server)
     print(f"iperf3 MTU 65520: VM->host {up / 1e9:.2f} Gbit/s, host->VM {down / 1e9:.2f} Gbit/s")
     assert up > 0 and down > 0
+
+
+@pytest.mark.parametrize("mtu", [1500, 65520])
+def test_big_udp_replies_are_fragmented_and_harmless(bed, host_server, mtu):
+    hs = bed.host_switch("--mtu", str(mtu))
+    vm = bed.vm(hs)
+    for n in (3000, 30000, 65507):  # 65507: the largest UDP payload; its frame would exceed the framing
+        assert peer(vm, "udpbig", ALIAS, host_server, n) == [str(n), "ok"]
+    assert "session ended" not in hs.read_log()
+    assert "1 received" in vm.run(["ping", "-c", "1", "-W", "2", "192.168.127.1"]).stdout

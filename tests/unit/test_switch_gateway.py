@@ -114,3 +114,48 @@ def test_config_derivation_and_validation():
     with pytest.raises(ConfigError):
         NetConfig(mtu=70000)
     assert normalize_argv(["-debug", "-subnet=1", "-x", "--debug"], {"debug", "subnet"}) == ["--debug", "--subnet=1", "-x", "--debug"]
+
+
+def test_switch_pins_gateway_mac_and_caps_learning():
+    sw = Switch(max_macs_per_port=3)
+    for p in ("gw", "a", "b"):
+        sw.add_port(p)
+    gw_mac = NET.gateway_mac
+    sw.pin(gw_mac, "gw")
+    # a VM claiming the gateway's MAC does not move it
+    sw.route("a", eth(ethernet.BROADCAST, gw_mac, b""))
+    assert sw.lookup(gw_mac) == "gw" and sw.refused_learning == 1
+    assert list(sw.route("b", eth(gw_mac, b"\x04" * 6, b""))) == ["gw"]
+    # a port flooding random source MACs stops being learnt at the cap
+    for i in range(10):
+        sw.route("a", eth(ethernet.BROADCAST, bytes([2, 0, 0, 0, 0, i]), b""))
+    assert sum(1 for p in sw.macs().values() if p == "a") == 3
+    sw.remove_port("a")
+    assert sw.lookup(gw_mac) == "gw"
+    assert all(p != "a" for p in sw.macs().values())
+
+
+def test_neighbors_only_learn_subnet_addresses():
+    gw = Gateway(NET)
+    outside = bytes([8, 8, 8, 8])
+    dgram = udp.build(5000, 53, b"q", outside, GW_IP)
+    gw.input(eth(NET.gateway_mac, VM_MAC, ipv4.build(outside, GW_IP, 17, dgram)), 0.0)
+    assert outside not in gw.neighbors
+
+
+def test_big_udp_is_fragmented_to_the_mtu():
+    gw = Gateway(NetConfig(mtu=1500))
+    payload = bytes(range(256)) * 100  # 25600 bytes
+    frames = gw.udp_frames(VM_MAC, GW_IP, 53, VM_IP, 5000, payload)
+    assert len(frames) > 1 and all(len(f) <= 1514 for f in frames)
+    # reassemble by offset and check the UDP datagram
+    parts = {}
+    for f in frames:
+        pkt = ipv4.parse(memoryview(f)[14:], verify=True)
+        assert pkt.is_fragment
+        parts[(pkt.flags_frag & 0x1FFF) * 8] = bytes(pkt.payload)
+    whole = b"".join(parts[k] for k in sorted(parts))
+    sport, dport, data = udp.parse(whole, GW_IP, VM_IP, verify=True)
+    assert (sport, dport, bytes(data)) == (53, 5000, payload)
+    assert gw.udp_frames(VM_MAC, GW_IP, 53, VM_IP, 5000, b"x" * 70000) is None
+    assert gw.counters.drops["udp-too-large"] == 1

@@ -136,3 +136,16 @@ def test_ethernet():
     dst, src, et, payload = ethernet.parse(f)
     assert (dst, src, et, bytes(payload)) == (ethernet.BROADCAST, b"\x02" * 6, 0x0806, b"xyz")
     assert ethernet.is_multicast(ethernet.BROADCAST) and not ethernet.is_multicast(b"\x02" * 6)
+
+
+@given(st.binary(min_size=0, max_size=9000), st.integers(576, 9000))
+def test_fragments_reassemble(payload, mtu):
+    packets = ipv4.fragment(A, B, 17, payload, mtu, ident=42)
+    assert all(len(p) <= max(mtu, 20 + len(payload) if len(packets) == 1 else mtu) for p in packets)
+    parts = []
+    for p in packets:
+        pkt = ipv4.parse(p, verify=True)
+        parts.append(((pkt.flags_frag & 0x1FFF) * 8, bytes(pkt.payload), bool(pkt.flags_frag & 0x2000)))
+    parts.sort()
+    assert b"".join(p[1] for p in parts) == payload
+    assert [p[2] for p in parts] == [True] * (len(parts) - 1) + [False]
