@@ -358,12 +358,8 @@ class DatagramFrameLink(FrameLink):
                 if data == VFKIT_HELLO and self.framing == "vfkit":
                     continue
                 frames.append(self._check(data))
-        except (ConnectionResetError, ConnectionRefusedError, BrokenPipeError) as exc:
-            raise trio.BrokenResourceError(f"{self.peer}: {exc}") from exc
         except OSError as exc:
-            if self._closed:
-                raise trio.ClosedResourceError("link was closed") from None
-            raise trio.BrokenResourceError(f"{self.peer}: {exc}") from exc
+            raise self._link_error(exc) from exc
         return frames
 
     async def send_batch(self, frames: list[bytes]) -> None:
@@ -379,13 +375,15 @@ class DatagramFrameLink(FrameLink):
                         sock.send(f)
                     except BlockingIOError:
                         await self._tsock.send(f)
-            except (ConnectionResetError, ConnectionRefusedError, BrokenPipeError) as exc:
-                raise trio.BrokenResourceError(f"{self.peer}: {exc}") from exc
             except OSError as exc:
-                if self._closed:
-                    raise trio.ClosedResourceError("link was closed") from None
-                raise trio.BrokenResourceError(f"{self.peer}: {exc}") from exc
+                raise self._link_error(exc) from exc
         await trio.lowlevel.checkpoint()
+
+    def _link_error(self, exc: OSError) -> Exception:
+        """The trio error for a socket error: closed by us, or broken by the peer."""
+        if self._closed and not isinstance(exc, (ConnectionResetError, ConnectionRefusedError, BrokenPipeError)):
+            return trio.ClosedResourceError("link was closed")
+        return trio.BrokenResourceError(f"{self.peer}: {exc}")
 
     async def aclose(self) -> None:
         if not self._closed:

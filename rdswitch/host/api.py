@@ -54,26 +54,23 @@ def create_app(hs, forwarder, dns=None) -> QuartTrio:
         addr = request.remote_addr
         return addr if addr and addr.count(".") == 3 else None
 
-    @app.post("/services/forwarder/expose")
-    async def expose():
+    async def change(apply) -> Response:
+        """Parse the body and apply a forward change; errors become 400/404/409 with a message."""
         try:
-            fwd = parse_expose(await _body(), caller_ip(), net.subnet)
-            await forwarder.expose(fwd)
+            await apply(await _body())
         except ConfigError as exc:
             return _error(str(exc))
         except ForwardError as exc:
             return _error(str(exc), exc.status)
         return Response("", status=200)
 
+    @app.post("/services/forwarder/expose")
+    async def expose():
+        return await change(lambda body: forwarder.expose(parse_expose(body, caller_ip(), net.subnet)))
+
     @app.post("/services/forwarder/unexpose")
     async def unexpose():
-        try:
-            await forwarder.unexpose(parse_unexpose(await _body()))
-        except ConfigError as exc:
-            return _error(str(exc))
-        except ForwardError as exc:
-            return _error(str(exc), exc.status)
-        return Response("", status=200)
+        return await change(lambda body: forwarder.unexpose(parse_unexpose(body)))
 
     @app.get("/services/forwarder/all")
     async def forwards():

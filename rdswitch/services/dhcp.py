@@ -256,19 +256,10 @@ class DhcpServer:
             if requested != self._allocate(mac, now, requested):
                 return self._nak(msg, f"{requested} is not your offered address")
             ip = requested
-        elif requested is not None:
-            # INIT-REBOOT: the client asks for the address it remembers.
-            ip = requested
-            if ip not in self.net.subnet:
-                return self._nak(msg, f"{ip} is not on {self.net.subnet}")
-            current = self._current_lease(mac, now)
-            if current is not None and current != ip:
-                return self._nak(msg, f"{ip} is not your lease")
-            if not self._usable_by(ip, mac, now):
-                return self._nak(msg, f"{ip} is not available")
-        elif msg.ciaddr != _ZERO:
-            # RENEWING (unicast) or REBINDING (broadcast).
-            ip = msg.ciaddr
+        elif requested is not None or msg.ciaddr != _ZERO:
+            # INIT-REBOOT (the client asks for the address it remembers), or
+            # RENEWING (unicast) / REBINDING (broadcast) with the address in ciaddr.
+            ip = requested if requested is not None else msg.ciaddr
             if ip not in self.net.subnet:
                 return self._nak(msg, f"{ip} is not on {self.net.subnet}")
             current = self._current_lease(mac, now)
