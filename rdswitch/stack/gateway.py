@@ -20,6 +20,8 @@ from ..wire.checksum import fold, ones_sum, pseudo_header_sum
 from ..wire.errors import MalformedPacket
 
 BROADCAST_IP = b"\xff\xff\xff\xff"
+# IPv4 header (no options) followed by a TCP header without options, packed at once.
+_IP_TCP_HDR = struct.Struct("!BBHHHBBH4s4sHHIIHHHH")
 DHCP_SERVER_PORT = 67
 DHCP_CLIENT_PORT = 68
 
@@ -85,6 +87,7 @@ class Gateway:
         self.neighbors: dict[bytes, bytes] = {}
         self._subnet = _SubnetContains(net.subnet)
         self._eth_hdr_cache: dict[bytes, bytes] = {}
+        self._tcp_templates: dict[tuple, tuple[bytes, int, int]] = {}
         self._ident = 0
 
     # ---- input ---------------------------------------------------------------------------
@@ -203,7 +206,46 @@ class Gateway:
         return self.ip_frame(dst_mac, src_ip, dst_ip, ipv4.PROTO_UDP, udp.build(src_port, dst_port, payload, src_ip, dst_ip))
 
     def tcp_frame(self, dst_mac: bytes, src_ip: bytes, dst_ip: bytes, seg: tcp.Segment) -> bytes:
-        """Ethernet+IPv4+TCP in one join: the payload is copied exactly once."""
+        """Ethernet+IPv4+TCP in one join: the payload is copied exactly once.
+
+        The hot path (no options: everything but SYNs) packs both headers with
+        checksums summed from the fields and a per-address-pair precomputed
+        part, so the only per-byte work is the payload's sum.
+        """
+        if seg.flags & tcp.SYN:
+            return self._tcp_frame_with_options(dst_mac, src_ip, dst_ip, seg)
+        key = (dst_mac, src_ip, dst_ip)
+        tmpl = self._tcp_templates.get(key)
+        if tmpl is None:
+            tmpl = self._tcp_templates[key] = self._tcp_template(dst_mac, src_ip, dst_ip)
+        eth, ip_base, pseudo_base = tmpl
+        payload = seg.payload
+        tcp_len = 20 + len(payload)
+        self._ident = ident = (self._ident + 1) & 0xFFFF
+        total = tcp_len + 20
+        ip_sum = ip_base + total + ident
+        ip_sum = (ip_sum & 0xFFFF) + (ip_sum >> 16)
+        ip_sum = (ip_sum & 0xFFFF) + (ip_sum >> 16)
+        seq = seg.seq & 0xFFFFFFFF
+        ack = seg.ack & 0xFFFFFFFF
+        flags_word = 0x5000 | seg.flags
+        s = (pseudo_base + tcp_len + seg.src_port + seg.dst_port + (seq >> 16) + (seq & 0xFFFF) + (ack >> 16)
+             + (ack & 0xFFFF) + flags_word + seg.window + (ones_sum(payload) if payload else 0))
+        while s > 0xFFFF:
+            s = (s & 0xFFFF) + (s >> 16)
+        return b"".join((eth,
+                         _IP_TCP_HDR.pack(0x45, 0, total, ident, 0x4000, 64, 6, ~ip_sum & 0xFFFF, src_ip, dst_ip,
+                                          seg.src_port, seg.dst_port, seq, ack, flags_word, seg.window, ~s & 0xFFFF, 0),
+                         payload))
+
+    def _tcp_template(self, dst_mac: bytes, src_ip: bytes, dst_ip: bytes) -> tuple[bytes, int, int]:
+        if len(self._tcp_templates) > 4096:
+            self._tcp_templates.clear()
+        # constant words of the IPv4 header: version/IHL/TOS, DF, TTL/protocol, addresses
+        ip_base = 0x4500 + 0x4000 + ((64 << 8) | 6) + pseudo_header_sum(src_ip, dst_ip, 0, 0)
+        return self._eth_hdr(dst_mac), ip_base, pseudo_header_sum(src_ip, dst_ip, tcp.PROTO, 0)
+
+    def _tcp_frame_with_options(self, dst_mac: bytes, src_ip: bytes, dst_ip: bytes, seg: tcp.Segment) -> bytes:
         opts = tcp._build_options(seg)
         if len(opts) & 3:
             opts += b"\0" * (4 - (len(opts) & 3))
