@@ -131,8 +131,13 @@ class DnsService:
                 if reply is None or len(reply) > 65535:
                     scope.cancel()  # not a query we can answer: drop the connection
                     return
-                async with send_lock:
-                    await stream.send_all(struct.pack("!H", len(reply)) + reply)
+                # A client that stops reading must not hold the connection (and
+                # its tasks) forever: a reply that cannot be sent in time ends it.
+                with trio.move_on_after(self.tcp_idle_timeout) as sending:
+                    async with send_lock:
+                        await stream.send_all(struct.pack("!H", len(reply)) + reply)
+                if sending.cancelled_caught:
+                    scope.cancel()
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 scope.cancel()
             finally:
@@ -146,7 +151,11 @@ class DnsService:
                         n = struct.unpack_from("!H", buf)[0]
                         msg, buf = bytes(buf[2:2 + n]), buf[2 + n:]
                         self.stats["tcp"] += 1
-                        await limit.acquire()
+                        with trio.move_on_after(self.tcp_idle_timeout) as waiting:
+                            await limit.acquire()
+                        if waiting.cancelled_caught:  # replies stuck: the client is not reading
+                            nursery.cancel_scope.cancel()
+                            return
                         nursery.start_soon(answer, msg, nursery.cancel_scope)
                     with trio.move_on_after(self.tcp_idle_timeout) as idle:
                         chunk = await stream.receive_some(65536)

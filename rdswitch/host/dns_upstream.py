@@ -34,6 +34,10 @@ class UpstreamError(Exception):
     """No upstream gave an answer; str() says why (the caller answers SERVFAIL)."""
 
 
+# What one exchange with one server may fail with (a reset TCP stream is a trio error, not an OSError).
+_EXCHANGE_ERRORS = (OSError, UpstreamError, struct.error, trio.BrokenResourceError, trio.ClosedResourceError)
+
+
 class Upstreams:
     """The current upstream servers: fixed, or from a resolv.conf that is re-read when it changes.
 
@@ -168,29 +172,50 @@ async def forward(
         raise UpstreamError("no upstream DNS servers configured")
     errors: list[str] = []
     fallback: bytes | None = None
+    tried: set[int] = set()  # positions (a server listed twice is asked twice)
     with trio.move_on_after(total_timeout):
-        for server in servers:
-            where = f"{server[0]}:{server[1]}"
-            try:
-                with trio.fail_after(timeout_per_server):
-                    if tcp:
-                        reply = await _tcp_exchange(query, server)
-                    else:
-                        reply = await _udp_exchange(query, server)
-                if is_truncated(reply) and not tcp:
+        # Go round the servers until the total budget is spent: one lost UDP
+        # datagram must cost a retry, not a SERVFAIL.  Servers that answered
+        # (even with an error) or refused are not asked again.
+        for round_ in range(4):
+            progress = False
+            for i, server in enumerate(servers):
+                if i in tried:
+                    continue
+                where = f"{server[0]}:{server[1]}"
+                try:
                     with trio.fail_after(timeout_per_server):
-                        reply = await _tcp_exchange(query, server)
-            except trio.TooSlowError:
-                errors.append(f"{where}: timeout")
-                continue
-            except (OSError, UpstreamError, struct.error) as exc:
-                errors.append(f"{where}: {exc}")
-                continue
-            if rcode_of(reply) in _RETRY_RCODES:
-                errors.append(f"{where}: rcode {rcode_of(reply)}")
-                fallback = fallback or reply
-                continue
-            return reply
+                        if tcp:
+                            reply = await _tcp_exchange(query, server)
+                        else:
+                            reply = await _udp_exchange(query, server)
+                except trio.TooSlowError:
+                    errors.append(f"{where}: timeout")
+                    progress = True
+                    continue  # silent: worth another try in the next round
+                except _EXCHANGE_ERRORS as exc:
+                    errors.append(f"{where}: {exc}")
+                    tried.add(i)
+                    continue
+                tried.add(i)
+                progress = True
+                if is_truncated(reply) and not tcp:
+                    # Keep the truncated answer: some resolvers have no TCP, and a
+                    # TC reply (the client may retry over TCP itself) beats SERVFAIL.
+                    fallback = fallback or reply
+                    try:
+                        with trio.fail_after(timeout_per_server):
+                            reply = await _tcp_exchange(query, server)
+                    except (trio.TooSlowError, *_EXCHANGE_ERRORS) as exc:
+                        errors.append(f"{where} over TCP: {exc}")
+                        continue
+                if rcode_of(reply) in _RETRY_RCODES:
+                    errors.append(f"{where}: rcode {rcode_of(reply)}")
+                    fallback = fallback or reply
+                    continue
+                return reply
+            if not progress or len(tried) == len(servers):
+                break
     if fallback is not None:
         return fallback
     if len(errors) < len(servers):

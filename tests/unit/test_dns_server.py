@@ -29,9 +29,11 @@ class FakeUpstream:
     size (or 512) and sets TC; over TCP it answers in full.
     """
 
-    def __init__(self, a_records, *, silent=False):
+    def __init__(self, a_records, *, silent=False, drop_first=0, tcp=True):
         self.a = a_records
         self.silent = silent
+        self.drop_first = drop_first  # UDP queries to lose before answering
+        self.tcp = tcp  # False: TCP connections are closed at once (a resolver without TCP)
         self.udp_queries = 0
         self.tcp_queries = 0
         self.port = None
@@ -83,11 +85,13 @@ class FakeUpstream:
             while True:
                 data, addr = await sock.recvfrom(65535)
                 self.udp_queries += 1
-                if not self.silent:
+                if not self.silent and self.udp_queries > self.drop_first:
                     await sock.sendto(self.reply(data, udp=True), addr)
 
     async def _tcp(self, stream):
         async with stream:
+            if not self.tcp:
+                return
             buf = b""
             with trio.move_on_after(5):
                 while True:
@@ -507,3 +511,43 @@ def test_fixed_upstreams_still_take_search_domains_from_resolv_conf(tmp_path):
     assert svc.search_domains() == ["corp.example"]
     svc = dns_server.from_args(parse(["--dns-resolv-conf", str(tmp_path / "missing")]), NET)
     assert svc.upstreams.current() == [] and svc.search_domains() == []
+
+
+def test_a_lost_datagram_is_retried_not_servfailed():
+    async def main():
+        async with trio.open_nursery() as nursery:
+            lossy = await nursery.start(FakeUpstream({"known.example": "10.3.3.3"}, drop_first=1).run)
+            out = await forward(query("known.example"), [lossy.addr], timeout_per_server=0.4, total_timeout=2.0)
+            assert DNSRecord.parse(out).rr[0].rdata == dnslib.A("10.3.3.3")
+            assert lossy.udp_queries == 2
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_truncated_answer_kept_when_upstream_has_no_tcp():
+    async def main():
+        async with trio.open_nursery() as nursery:
+            no_tcp = await nursery.start(FakeUpstream({}, tcp=False).run)
+            out = await forward(query("big.example", "TXT"), [no_tcp.addr], timeout_per_server=0.5)
+            assert DNSRecord.parse(out).header.tc == 1  # the client can still retry over TCP itself
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_tcp_client_that_never_reads_is_dropped():
+    async def main():
+        svc = dns_server.DnsService(dns.DnsAuthority(dns.builtin_zones(NET)), Upstreams([]), tcp_idle_timeout=0.5,
+                                     tcp_max_inflight=2)
+        client, server = trio.testing.lockstep_stream_pair()  # no buffering: replies block until read
+        msg = query("host.rancher-desktop.internal")
+        framed = (struct.pack("!H", len(msg)) + msg) * 8
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(svc.serve_stream, server)
+                with trio.move_on_after(0.2):
+                    await client.send_all(framed)  # the server stops reading once its replies block
+        # serve_stream returned by itself within the bound: nothing left running for this client
+
+    trio.run(main)
