@@ -238,16 +238,24 @@ def ns_exec(netns: str, cmd: list[str] | tuple[str, ...]) -> list[str]:
     return ["ip", "netns", "exec", netns, *cmd]
 
 
+# Run inside the namespace before vm-switch: moves the data connection from
+# whatever number it has in the parent onto fd 3, where vm-switch (ours, and
+# the incumbent's) expects it, then execs vm-switch.
+FD3_TRAMPOLINE = ("import os, sys; fd = int(sys.argv[1])\n"
+                  "if fd != 3:\n    os.dup2(fd, 3); os.close(fd)\n"
+                  "os.execvp(sys.argv[2], sys.argv[2:])")
+
+
 def vm_switch_command(opts: Options, fd: int, python: str = sys.executable) -> list[str]:
-    """vm-switch's command line, run inside the namespace, reading the data connection from ``fd``."""
+    """vm-switch's command line, run inside the namespace; the data connection ``fd`` becomes its fd 3."""
     prog = [opts.vm_switch_path] if opts.vm_switch_path else [python, "-m", "rdswitch.vm"]
     cmd = [*prog, "--tap-interface", opts.tap_interface, "--tap-mac-address", opts.tap_mac_address,
-           "--subnet", opts.subnet, "--connect", f"fd://{fd}"]
+           "--subnet", opts.subnet]
     if opts.debug:
         cmd.append("--debug")
     if opts.vm_switch_logfile:
         cmd += ["--logfile", opts.vm_switch_logfile]
-    return ns_exec(opts.netns, cmd)
+    return ns_exec(opts.netns, [python, "-c", FD3_TRAMPOLINE, str(fd), *cmd])
 
 
 def init_command(opts: Options) -> list[str] | None:

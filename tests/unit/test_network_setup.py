@@ -22,6 +22,7 @@ from rdswitch.network_setup.options import (
     parse_interface_address,
     parse_unshare_arg,
     validate,
+    FD3_TRAMPOLINE,
     vm_switch_command,
 )
 
@@ -119,22 +120,34 @@ def test_vm_switch_command_default_program():
     o = parse_args(["--netns", "ns1", "--tap-interface", "eth7", "--vm-switch-logfile", "/tmp/v.log"])
     cmd = vm_switch_command(o, 9, python="/py")
     assert cmd[:4] == ["ip", "netns", "exec", "ns1"]
-    assert cmd[4:7] == ["/py", "-m", "rdswitch.vm"]
-    rest = cmd[7:]
+    assert cmd[4:8] == ["/py", "-c", FD3_TRAMPOLINE, "9"]  # fd 9 becomes fd 3
+    assert cmd[8:11] == ["/py", "-m", "rdswitch.vm"]
+    rest = cmd[11:]
     pairs = dict(zip(rest[::2], rest[1::2]))
     assert pairs == {"--tap-interface": "eth7", "--tap-mac-address": "5a:94:ef:e4:0c:ee",
-                     "--subnet": "192.168.127.0/24", "--connect": "fd://9", "--logfile": "/tmp/v.log"}
-    assert "--debug" not in cmd
+                     "--subnet": "192.168.127.0/24", "--logfile": "/tmp/v.log"}
+    assert "--debug" not in cmd and "--connect" not in cmd  # vm-switch reads fd 3, like the incumbent's
 
 
 def test_vm_switch_command_path_debug_and_no_logfile():
     o = parse_args(["--vm-switch-path", "/opt/vm-switch", "--debug", "--vm-switch-logfile", ""])
     cmd = vm_switch_command(o, 3)
-    assert cmd[4] == "/opt/vm-switch"
+    assert cmd[8] == "/opt/vm-switch"
     assert "-m" not in cmd
     assert "--debug" in cmd
     assert "--logfile" not in cmd
-    assert cmd[cmd.index("--connect") + 1] == "fd://3"
+
+
+def test_trampoline_puts_the_connection_on_fd3(tmp_path):
+    """The child really reads the parent's fd N as its fd 3."""
+    r, w = os.pipe()
+    os.write(w, b"through fd 3")
+    os.close(w)
+    out = tmp_path / "out"
+    child = [sys.executable, "-c", f"import os; open({str(out)!r}, 'wb').write(os.read(3, 100))"]
+    subprocess.run([sys.executable, "-c", FD3_TRAMPOLINE, str(r), *child], pass_fds=(r,), check=True, timeout=30)
+    os.close(r)
+    assert out.read_bytes() == b"through fd 3"
 
 
 def test_vm_switch_command_is_accepted_by_vm_switch():
@@ -142,9 +155,9 @@ def test_vm_switch_command_is_accepted_by_vm_switch():
     from rdswitch.vm.__main__ import parse_args as vm_parse_args
 
     o = parse_args(["--debug", "--tap-mac-address", "02:11:22:33:44:55", "--subnet", "10.1.0.0/16"])
-    cmd = vm_switch_command(o, 0)  # fd 0 is open, so the URL check passes
-    args = vm_parse_args(cmd[7:])
-    assert args.connect == "fd://0"
+    cmd = vm_switch_command(o, 0)
+    args = vm_parse_args(cmd[11:])
+    assert args.connect == "fd://3"
     assert args.tap_interface == "eth0"
     assert args.debug
 
