@@ -113,6 +113,10 @@ def open_control_socket(path: str) -> socket.socket:
     else:
         if not stat.S_ISSOCK(st.st_mode):
             raise OSError(f"{path} exists and is not a socket; refusing to replace it")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(1)
+            if probe.connect_ex(path) == 0:  # someone is serving it: not stale
+                raise OSError(f"{path} is in use by a running wsl-proxy; refusing to replace it")
         os.unlink(path)
         log.info("removed stale socket file %s", path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -228,6 +228,8 @@ class Proxy:
         finally:
             for _, sock in socks:  # normally closed by their listener tasks already
                 sock.close()
+            if self.ports.get(entry.binding.key) is entry:
+                del self.ports[entry.binding.key]  # its listeners died: a later add must bind again
             entry.done.set()
 
     # ---- TCP ---------------------------------------------------------------
