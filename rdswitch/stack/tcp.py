@@ -97,6 +97,7 @@ _RESET_REPORTED = frozenset((SYN_SENT, SYN_RECEIVED, ESTABLISHED, FIN_WAIT_1, FI
 
 DEFAULT_PEER_MSS = 536
 _CLOCK_G = 0.001
+OOW_ACK_INTERVAL = 0.5  # seconds between ACKs answering unacceptable pure ACKs
 
 
 def _rel(x: int, base: int) -> int:
@@ -134,7 +135,7 @@ class TcpConnection:
         "_wl1", "_wl2", "irs", "rcv_nxt", "_have_irs", "_accepted", "_sbuf", "_sbuf_seq", "_fin_seq", "_rbuf",
         "readable", "eof_received", "reset", "established", "_orphaned", "_out", "_ack_pending", "_rcv_adv_edge",
         "_srtt", "_rttvar", "_rto", "_rto_at", "_retries", "_first_fail", "_rtt_seq", "_rtt_time", "_dupacks",
-        "_recover", "_persist_at", "_persist_backoff", "_probes", "_tw_at",
+        "_recover", "_persist_at", "_persist_backoff", "_probes", "_tw_at", "_last_oow_ack",
         "rto_initial", "rto_min", "rto_max", "max_retries", "user_timeout", "time_wait", "fin_timeout",
     )
 
@@ -195,6 +196,7 @@ class TcpConnection:
         self._persist_backoff = rto_initial
         self._probes = 0
         self._tw_at: float | None = None
+        self._last_oow_ack = float("-inf")
 
     # ------------------------------------------------------------------ opens
 
@@ -605,6 +607,13 @@ class TcpConnection:
                 self.snd_nxt = self.iss
                 self._emit_syn(now)
                 return
+            if seg_len == 0:
+                # Answer unacceptable pure ACKs at most every OOW_ACK_INTERVAL (as Linux
+                # does): two ends whose zero-window probes both sit past the other's
+                # window would otherwise ACK each other's ACKs forever.
+                if now - self._last_oow_ack < OOW_ACK_INTERVAL:
+                    return
+                self._last_oow_ack = now
             self._ack_pending = True
             return
         if flags & RST:
