@@ -21,17 +21,20 @@ import trio
 
 from ..config import ConfigError, NetConfig, parse_cidr
 from ..errors import describe
-from ..stack.gateway import IcmpEchoIn, TcpIn, UdpIn
+from ..stack.gateway import IcmpEchoIn, OffloadIn, TcpIn, UdpIn
 from ..stack.sockets import SocketInfo, VirtualTcpListener, VirtualTcpStream
 from ..stack.tcp import TcpConnection, rst_for
-from ..wire import icmp, tcp
+from ..wire import icmp, offload, tcp
 from .session import Port
 
 log = logging.getLogger("rdswitch.nat")
 
 LINK_LOCAL = ipaddress.IPv4Network("169.254.0.0/16")
 PIPE_CHUNK = 1 << 18
-MAX_DNS_INFLIGHT = 128  # DNS queries of one session being answered at once
+MAX_DNS_INFLIGHT = 128
+# TCP payload per segment towards an offload port: the frame (14+20+20+payload) stays
+# inside the 16-bit framing and the IP packet under 65535; the VM's kernel segments it.
+TSO_MSS = 65000 - 40  # DNS queries of one session being answered at once
 
 
 def add_nat_arguments(p: argparse.ArgumentParser) -> None:
@@ -192,6 +195,12 @@ class NetStack:
             self.udp_in(port, event)
         elif type(event) is IcmpEchoIn:
             self.icmp_in(port, event)
+        elif type(event) is OffloadIn:
+            offload_ok = bool(event.flags & offload.FLAG_PARTIAL_CSUM_TSO)
+            if offload_ok != port.offload:
+                log.info("%r: offload %s (partial checksums, %d-byte TCP segments)", port,
+                         "on" if offload_ok else "off", TSO_MSS)
+            port.offload = offload_ok
 
     # ---- TCP -----------------------------------------------------------------------------
     def tcp_in(self, port: Port, ev: TcpIn) -> None:
@@ -245,6 +254,8 @@ class NetStack:
         bufsize = self.policy.tcp_buffer_size
         conn = TcpConnection.from_syn(ev.seg, now, iss=random.getrandbits(32), mss=self.mss,
                                       rcv_buffer=bufsize, snd_buffer=bufsize)
+        if port.offload:
+            conn.tso_mss = TSO_MSS
         src_mac, local_ip, vm_ip = ev.src_mac, ev.dst_ip, ev.src_ip
         info = SocketInfo((socket.inet_ntoa(local_ip), ev.seg.dst_port), (socket.inet_ntoa(vm_ip), ev.seg.src_port))
 
@@ -259,10 +270,11 @@ class NetStack:
     def _transmitter(self, port: Port, vm_mac: bytes, local_ip: bytes, vm_ip: bytes) -> Callable:
         tcp_frame = self.gateway.tcp_frame
         send = self.hs.send_to
+        partial = port.offload
 
         def transmit(segments) -> None:
             for seg in segments:
-                send(port, tcp_frame(vm_mac, local_ip, vm_ip, seg))
+                send(port, tcp_frame(vm_mac, local_ip, vm_ip, seg, partial))
 
         return transmit
 
@@ -369,6 +381,8 @@ class NetStack:
         bufsize = self.policy.tcp_buffer_size
         conn = TcpConnection.connect(local_port, vm_port, trio.current_time(), iss=random.getrandbits(32),
                                      mss=self.mss, rcv_buffer=bufsize, snd_buffer=bufsize)
+        if port.offload:
+            conn.tso_mss = TSO_MSS
         info = SocketInfo((socket.inet_ntoa(gw), local_port), (socket.inet_ntoa(vm_ip), vm_port))
 
         def on_closed() -> None:

@@ -41,6 +41,8 @@ class Port:
         self._queued_bytes = 0
         self._wakeup = trio.lowlevel.ParkingLot()
         self.closed = False
+        # The VM's vm-switch takes partial checksums and 64 KiB TCP segments (wire/offload.py).
+        self.offload = False
 
     def __repr__(self) -> str:
         return f"<session {self.id} {self.peer}>"

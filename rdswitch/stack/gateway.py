@@ -15,7 +15,7 @@ import struct
 import attrs
 
 from ..config import NetConfig
-from ..wire import arp, ethernet, icmp, ipv4, tcp, udp
+from ..wire import arp, ethernet, icmp, ipv4, offload, tcp, udp
 from ..wire.checksum import fold, ones_sum, pseudo_header_sum
 from ..wire.errors import MalformedPacket
 
@@ -54,7 +54,14 @@ class IcmpEchoIn:
     ip_packet: memoryview | bytes
 
 
-Event = TcpIn | UdpIn | IcmpEchoIn
+@attrs.define(slots=True)
+class OffloadIn:
+    """A vm-switch announced what its tap can take (wire/offload.py)."""
+
+    flags: int
+
+
+Event = TcpIn | UdpIn | IcmpEchoIn | OffloadIn
 
 
 class Counters:
@@ -103,6 +110,8 @@ class Gateway:
             return self._input_ipv4(bytes(frame[6:12]), memoryview(frame)[14:], now)
         if ethertype == ethernet.TYPE_ARP:
             return self._input_arp(memoryview(frame)[14:]), None
+        if ethertype == ethernet.TYPE_RDSWITCH and frame[0:6] == self.mac:
+            return [], OffloadIn(offload.parse_capability(memoryview(frame)[14:]))
         self.counters.drop(f"ethertype-{ethertype:04x}")
         return [], None
 
@@ -205,12 +214,15 @@ class Gateway:
                   payload: bytes | memoryview) -> bytes:
         return self.ip_frame(dst_mac, src_ip, dst_ip, ipv4.PROTO_UDP, udp.build(src_port, dst_port, payload, src_ip, dst_ip))
 
-    def tcp_frame(self, dst_mac: bytes, src_ip: bytes, dst_ip: bytes, seg: tcp.Segment) -> bytes:
+    def tcp_frame(self, dst_mac: bytes, src_ip: bytes, dst_ip: bytes, seg: tcp.Segment, partial: bool = False) -> bytes:
         """Ethernet+IPv4+TCP in one join: the payload is copied exactly once.
 
         The hot path (no options: everything but SYNs) packs both headers with
         checksums summed from the fields and a per-address-pair precomputed
-        part, so the only per-byte work is the payload's sum.
+        part, so the only per-byte work is the payload's sum.  With ``partial``
+        (towards a vm-switch that announced offload) not even that: the
+        checksum field holds the pseudo-header sum for the VM's kernel to
+        complete, as a NIC with checksum offload would.
         """
         if seg.flags & tcp.SYN:
             return self._tcp_frame_with_options(dst_mac, src_ip, dst_ip, seg)
@@ -229,13 +241,19 @@ class Gateway:
         seq = seg.seq & 0xFFFFFFFF
         ack = seg.ack & 0xFFFFFFFF
         flags_word = 0x5000 | seg.flags
-        s = (pseudo_base + tcp_len + seg.src_port + seg.dst_port + (seq >> 16) + (seq & 0xFFFF) + (ack >> 16)
-             + (ack & 0xFFFF) + flags_word + seg.window + (ones_sum(payload) if payload else 0))
-        while s > 0xFFFF:
+        if partial:  # the field holds the folded pseudo-header sum, for the receiver to complete
+            s = pseudo_base + tcp_len
             s = (s & 0xFFFF) + (s >> 16)
+            check = (s & 0xFFFF) + (s >> 16)
+        else:
+            s = (pseudo_base + tcp_len + seg.src_port + seg.dst_port + (seq >> 16) + (seq & 0xFFFF) + (ack >> 16)
+                 + (ack & 0xFFFF) + flags_word + seg.window + (ones_sum(payload) if payload else 0))
+            while s > 0xFFFF:
+                s = (s & 0xFFFF) + (s >> 16)
+            check = ~s & 0xFFFF
         return b"".join((eth,
                          _IP_TCP_HDR.pack(0x45, 0, total, ident, 0x4000, 64, 6, ~ip_sum & 0xFFFF, src_ip, dst_ip,
-                                          seg.src_port, seg.dst_port, seq, ack, flags_word, seg.window, ~s & 0xFFFF, 0),
+                                          seg.src_port, seg.dst_port, seq, ack, flags_word, seg.window, check, 0),
                          payload))
 
     def _tcp_template(self, dst_mac: bytes, src_ip: bytes, dst_ip: bytes) -> tuple[bytes, int, int]:

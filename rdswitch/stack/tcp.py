@@ -135,7 +135,7 @@ class TcpConnection:
         "_wl1", "_wl2", "irs", "rcv_nxt", "_have_irs", "_accepted", "_sbuf", "_sbuf_seq", "_fin_seq", "_rbuf",
         "readable", "eof_received", "reset", "established", "_orphaned", "_out", "_ack_pending", "_rcv_adv_edge",
         "_srtt", "_rttvar", "_rto", "_rto_at", "_retries", "_first_fail", "_rtt_seq", "_rtt_time", "_dupacks",
-        "_recover", "_persist_at", "_persist_backoff", "_probes", "_tw_at", "_last_oow_ack",
+        "_recover", "_persist_at", "_persist_backoff", "_probes", "_tw_at", "_last_oow_ack", "tso_mss",
         "rto_initial", "rto_min", "rto_max", "max_retries", "user_timeout", "time_wait", "fin_timeout",
     )
 
@@ -197,6 +197,9 @@ class TcpConnection:
         self._probes = 0
         self._tw_at: float | None = None
         self._last_oow_ack = float("-inf")
+        # Segment size when the link segments for us (TSO towards a vm-switch with
+        # --offload); 0: segment by the negotiated MSS as usual.
+        self.tso_mss = 0
 
     # ------------------------------------------------------------------ opens
 
@@ -472,7 +475,7 @@ class TcpConnection:
         una = self.snd_una
         if nxt < data_end:
             edge = una + self.snd_wnd
-            mss = min(self.peer_mss, self.mss)
+            mss = self.tso_mss or min(self.peer_mss, self.mss)
             half = self._max_snd_wnd >> 1
             with memoryview(sbuf) as mv:
                 while nxt < data_end:

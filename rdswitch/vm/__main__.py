@@ -23,7 +23,7 @@ from .. import transport
 from ..config import ConfigError, NetConfig, format_mac, normalize_argv, parse_mac, parse_mtu
 from ..errors import describe
 from ..framing import validate_framing
-from ..wire import ethernet, ipv4, udp
+from ..wire import ethernet, ipv4, offload, udp
 from . import tap
 from .dhcp_client import Bound, DhcpClient, Lost, Renewed
 from ..logs import setup_logging
@@ -49,7 +49,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--resolv-conf", default=None, help="write nameserver/search from DHCP to this file")
     p.add_argument("--offload", action="store_true",
                    help="open the tap with virtio-net headers: the VM's kernel hands over 64 KiB TCP segments "
-                        "(TSO); needs rdswitch's host-switch (those frames exceed the MTU)")
+                        "(TSO) and the host-switch may send 64 KiB segments with partial checksums that the "
+                        "kernel segments; needs rdswitch's host-switch (frames exceed the MTU)")
     p.add_argument("--retry-interval", type=float, default=1.0, help="seconds between reconnects when a session fails")
     args = p.parse_args(normalize_argv(argv, LONG_FLAGS))
     try:
@@ -78,6 +79,7 @@ class VmSwitch:
         self.client = DhcpClient(self.mac, xid=random.getrandbits(32), hostname=os.uname().nodename)
         self.server_mac = ethernet.BROADCAST
         self.lease = None
+        self.mtu = args.initial_mtu
         self.pending_events: list = []
         self.dhcp_wakeup = trio.Event()
 
@@ -125,7 +127,7 @@ class VmSwitch:
     async def tap_to_link(self, link) -> None:
         fd = self.tap_fd
         read = os.read
-        skip = tap.VNET_HDR_LEN if self.args.offload else 0
+        skip = offload.VNET_HDR_LEN if self.args.offload else 0
         while True:
             await trio.lowlevel.wait_readable(fd)
             frames = []
@@ -146,10 +148,11 @@ class VmSwitch:
         fd = self.tap_fd
         if self.args.offload:
             writev = os.writev
-            hdr = tap.VNET_HDR_PLAIN
+            header_for = offload.vnet_header_for
 
             def write(fd, frame):
-                return writev(fd, (hdr, frame))
+                # TCP from the host-switch may carry a partial checksum and exceed the MTU (TSO)
+                return writev(fd, (header_for(frame, self.mtu), frame))
         else:
             write = os.write
         while True:
@@ -190,7 +193,7 @@ class VmSwitch:
                 await link.send_batch([self.dhcp_frame(out)])  # the link serialises concurrent senders
             events, self.pending_events = self.pending_events, []
             for ev in events:
-                await self.on_dhcp_event(ev)
+                await self.on_dhcp_event(ev, link)
             deadline = self.client.next_timeout()
             with trio.move_on_at(deadline if deadline is not None else trio.current_time() + 3600):
                 await self.dhcp_wakeup.wait()
@@ -206,9 +209,15 @@ class VmSwitch:
         payload = udp.build(68, 67, out.payload, src, dst)
         return ethernet.build(dst_mac, self.mac, ethernet.TYPE_IPV4, ipv4.build(src, dst, ipv4.PROTO_UDP, payload, dont_fragment=False))
 
-    async def on_dhcp_event(self, ev) -> None:
+    async def on_dhcp_event(self, ev, link) -> None:
         if isinstance(ev, (Bound, Renewed)):
             lease = ev.lease
+            if self.args.offload:
+                # Before eth0 has an address (so before any flow): tell the host-switch
+                # it may send partial checksums and 64 KiB segments to this port.
+                self.mtu = lease.mtu or self.mtu
+                await link.send_batch([ethernet.build(self.server_mac, self.mac, ethernet.TYPE_RDSWITCH,
+                                                      offload.capability_payload())])
             if isinstance(ev, Bound) or lease != self.lease:
                 log.info("DHCP %s: %s/%d router %s mtu %s dns %s search %s", "bound" if isinstance(ev, Bound) else "renewed",
                          lease.ip, lease.prefixlen, lease.router, lease.mtu, [str(d) for d in lease.dns_servers],

@@ -20,12 +20,6 @@ IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
 TUN_F_CSUM = 0x01
 TUN_F_TSO4 = 0x02
-# struct virtio_net_hdr (no num_buffers): flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
-VNET_HDR_LEN = 10
-# Frames we write carry complete checksums and no GSO request: an all-zero header.
-# (VIRTIO_NET_HDR_F_DATA_VALID is ignored on tap writes, so the kernel still
-# verifies; skipping that would need the host to send partial checksums.)
-VNET_HDR_PLAIN = bytes(VNET_HDR_LEN)
 # The largest TSO packet the tap may hand us: the 16-bit framing carries at
 # most 65535 bytes per Ethernet frame, 14 of them the Ethernet header.
 MAX_GSO_SIZE = 65000  # below 65535 - 14 with room for how the kernel counts headers

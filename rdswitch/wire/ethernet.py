@@ -8,6 +8,8 @@ HEADER_LEN = 14
 TYPE_IPV4 = 0x0800
 TYPE_ARP = 0x0806
 TYPE_IPV6 = 0x86DD
+# IEEE 802 "local experimental" ethertype: rdswitch's own link messages (vm-switch -> host-switch)
+TYPE_RDSWITCH = 0x88B5
 BROADCAST = b"\xff" * 6
 
 

@@ -71,7 +71,7 @@ def test_tcp_to_host_loopback_and_internet(bed, host_server, internet):
     assert local == remote and n == "2000000"
 
 
-@pytest.mark.parametrize("mtu,offload", [(1500, False), (65520, False), (1500, True)])
+@pytest.mark.parametrize("mtu,offload", [(1500, False), (65520, False), (1500, True), (65520, True)])
 def test_64mib_each_way(bed, host_server, mtu, offload):
     hs = bed.host_switch("--mtu", str(mtu))
     vm = bed.vm(hs, *(["--offload"] if offload else []))
@@ -84,7 +84,7 @@ def test_64mib_each_way(bed, host_server, mtu, offload):
     nsutil.wait_for(lambda: session_stats(hs), 5, what="session stats")
     stats = session_stats(hs)[-1]
     average = stats["bytes_in"] / stats["frames_in"]
-    if offload:  # the VM's kernel handed over TSO segments far above the MTU
+    if offload and mtu == 1500:  # the VM's kernel handed over TSO segments far above the MTU
         assert average > 4 * (mtu + 14)
     else:
         assert average <= mtu + 14
@@ -92,6 +92,12 @@ def test_64mib_each_way(bed, host_server, mtu, offload):
     vm.wait_address()
     expected, received, got = peer(vm, "get", ALIAS, host_server, n)
     assert expected == received and got == str(n)
+    if offload:  # and the host-switch sent 64 KiB segments for the VM's kernel to split
+        vm.kill()
+        nsutil.wait_for(lambda: len(session_stats(hs)) == 2, 5, what="second session stats")
+        stats = session_stats(hs)[-1]
+        assert stats["bytes_out"] / stats["frames_out"] > (4 * (mtu + 14) if mtu == 1500 else mtu // 2)
+        assert "offload on" in hs.read_log()
 
 
 def test_closed_port_refused_fast_and_unreachable_does_not_block(bed, host_server, internet):
@@ -189,3 +195,22 @@ def test_big_udp_replies_are_fragmented_and_harmless(bed, host_server, mtu):
         assert peer(vm, "udpbig", ALIAS, host_server, n) == [str(n), "ok"]
     assert "session ended" not in hs.read_log()
     assert "1 received" in vm.run(["ping", "-c", "1", "-W", "2", "192.168.127.1"]).stdout
+
+
+def test_vm_to_vm_tcp_with_offload(bed):
+    """TSO frames (above the MTU, partial checksums) switched between two offload VMs arrive intact."""
+    hs = bed.host_switch()
+    vm1 = bed.vm(hs, "--offload")
+    vm2 = bed.vm(hs, "--offload", mac="5a:94:ef:e4:0c:51")
+    ip2 = vm2.ipv4().split("/")[0]
+    port = 8123
+    server = subprocess.Popen(nsutil.ns_cmd(vm2.ns, [sys.executable, PEERS, "serve", ip2, str(port)]))
+    try:
+        nsutil.wait_for(lambda: vm2.run(["bash", "-c", f"exec 3<>/dev/tcp/{ip2}/{port}"], check=False).returncode == 0,
+                        10, what="server in vm2")
+        local, remote, got = peer(vm1, "put", ip2, port, 16 << 20)
+        assert local == remote and got == str(16 << 20)
+        expected, received, got = peer(vm1, "get", ip2, port, 16 << 20)
+        assert expected == received and got == str(16 << 20)
+    finally:
+        stop(server)
