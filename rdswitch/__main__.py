@@ -134,6 +134,7 @@ def sandbox(argv: list[str]) -> int:
     p.add_argument("--mtu", default="1500")
     p.add_argument("--subnet", default="192.168.127.0/24")
     p.add_argument("--allow-outbound", action="append", default=None, metavar="CIDR")
+    p.add_argument("--offload", action="store_true", help="run vm-switch with --offload (TSO both ways)")
     p.add_argument("--keep", action="store_true", help="stay up until Ctrl-C (the namespace name is printed)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ...: run CMD in the namespace instead of the self-check")
     args = p.parse_args(argv)
@@ -143,7 +144,8 @@ def sandbox(argv: list[str]) -> int:
     cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
     allow = args.allow_outbound or ["127.0.0.0/8"]
     try:
-        with open_sandbox(mtu=args.mtu, subnet=args.subnet, allow=allow) as (ns, procs):
+        with open_sandbox(mtu=args.mtu, subnet=args.subnet, allow=allow,
+                          vm_extra=["--offload"] if args.offload else []) as (ns, procs):
             print(f"namespace {ns}: eth0 is networked through rdswitch (allowed outbound: {', '.join(allow)})")
             if cmd:
                 return subprocess.run(["ip", "netns", "exec", ns, *cmd]).returncode

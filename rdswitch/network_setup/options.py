@@ -45,7 +45,7 @@ DEFAULT_STOP_TIMEOUT = 2.0
 UNSHARE_PREFIX = ("unshare", "--pid", "--mount-proc", "--fork", "--propagation", "slave")
 
 LONG_FLAGS = {
-    "debug", "tap-interface", "subnet", "tap-mac-address", "vm-switch-path", "vm-switch-logfile", "unshare-arg",
+    "debug", "tap-interface", "subnet", "tap-mac-address", "vm-switch-path", "vm-switch-logfile", "vm-switch-offload", "unshare-arg",
     "logfile", "handshake-listen", "host-url", "netns", "veth-host-name", "veth-ns-name", "veth-host-address",
     "veth-ns-address", "pid-file", "stop-timeout", "dial-attempts",
 }
@@ -76,6 +76,7 @@ class Options:
     pid_file: str | None
     stop_timeout: float
     dial_attempts: int
+    offload: bool = False
 
 
 def check_ifname(name: str, flag: str) -> str:
@@ -125,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vm-switch program to run (default: this Python with -m rdswitch.vm)")
     p.add_argument("--vm-switch-logfile", default=DEFAULT_VM_SWITCH_LOGFILE,
                    help=f"vm-switch's log file (default {DEFAULT_VM_SWITCH_LOGFILE}; empty: none)")
+    p.add_argument("--vm-switch-offload", action="store_true",
+                   help="run vm-switch with --offload (virtio-net headers, TSO both ways; needs rdswitch's host-switch)")
     p.add_argument("--unshare-arg", default=None,
                    help="command (split like a shell) that 'unshare --pid --mount-proc --fork --propagation slave' "
                         "runs inside the namespace, e.g. /sbin/init; none: start no init")
@@ -190,6 +193,7 @@ def validate(ns: argparse.Namespace) -> Options:
         tap_mac_address=mac,
         vm_switch_path=ns.vm_switch_path,
         vm_switch_logfile=ns.vm_switch_logfile or None,
+        offload=ns.vm_switch_offload,
         unshare_args=parse_unshare_arg(ns.unshare_arg),
         logfile=ns.logfile or None,
         handshake_listen=ns.handshake_listen,
@@ -255,6 +259,8 @@ def vm_switch_command(opts: Options, fd: int, python: str = sys.executable) -> l
         cmd.append("--debug")
     if opts.vm_switch_logfile:
         cmd += ["--logfile", opts.vm_switch_logfile]
+    if opts.offload:
+        cmd.append("--offload")
     return ns_exec(opts.netns, [python, "-c", FD3_TRAMPOLINE, str(fd), *cmd])
 
 

@@ -214,3 +214,8 @@ def test_child_pids_of_this_process():
         proc.kill()
         proc.wait()
     assert children.child_pids(2**22 + 12345) == []
+
+
+def test_vm_switch_offload_passthrough():
+    assert "--offload" not in vm_switch_command(parse_args([]), 5)
+    assert vm_switch_command(parse_args(["-vm-switch-offload"]), 5)[-1] == "--offload"
