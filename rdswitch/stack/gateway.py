@@ -22,6 +22,8 @@ from ..wire.errors import MalformedPacket
 BROADCAST_IP = b"\xff\xff\xff\xff"
 # IPv4 header (no options) followed by a TCP header without options, packed at once.
 _IP_TCP_HDR = struct.Struct("!BBHHHBBH4s4sHHIIHHHH")
+# From the IPv4 total length (frame offset 16) to the TCP window: what the input hot path reads.
+_IN_IP_TCP = struct.Struct("!H2xH4x4s4sHHIIBBH")
 DHCP_SERVER_PORT = 67
 DHCP_CLIENT_PORT = 68
 
@@ -107,6 +109,16 @@ class Gateway:
             dst_mac = frame[0:6]
             if dst_mac != self.mac and dst_mac != ethernet.BROADCAST:
                 return [], None  # flooded unicast for someone else
+            if len(frame) >= 54 and frame[23] == 6 and frame[14] == 0x45:
+                # The hot path: TCP in an option-less IPv4 header, not a SYN (whose
+                # options matter), not a fragment: one unpack, no IPv4Packet.
+                (total, ff, src, dst, sport, dport, seq, ack, off, flags,
+                 window) = _IN_IP_TCP.unpack_from(frame, 16)
+                thl = (off >> 4) * 4
+                if not ff & 0x3FFF and not flags & tcp.SYN and 40 <= 20 + thl <= total <= len(frame) - 14 and thl >= 20:
+                    end = 14 + total
+                    payload = memoryview(frame)[34 + thl:end] if end > 34 + thl else b""
+                    return [], TcpIn(bytes(frame[6:12]), src, dst, tcp.Segment(sport, dport, seq, ack, flags, window, payload))
             return self._input_ipv4(bytes(frame[6:12]), memoryview(frame)[14:], now)
         if ethertype == ethernet.TYPE_ARP:
             return self._input_arp(memoryview(frame)[14:]), None

@@ -179,3 +179,22 @@ def test_tcp_frame_fast_path_matches_reference(seq, ack, flags, window, sport, d
     # identical bytes to the general builder (apart from the IP identification)
     ref = ipv4.build(src, dst, 6, tcp.build(seg, src, dst), ident=pkt.ident)
     assert bytes(frame[14:]) == ref
+
+
+@given(st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1), st.integers(0, 255), st.integers(0, 65535),
+       st.binary(max_size=1500), st.sampled_from([None, 1460]), st.binary(max_size=30))
+def test_tcp_input_fast_path_matches_general_parser(seq, ack, flags, window, payload, mss, trailer):
+    gw = Gateway(NET)
+    seg = tcp.Segment(40000, 80, seq, ack, flags, window, payload, mss=mss)
+    dst = bytes([10, 0, 0, 9])
+    # trailing bytes beyond the IP total length (Ethernet padding) must not leak into the payload
+    frame = eth(NET.gateway_mac, VM_MAC, ipv4.build(VM_IP, dst, 6, tcp.build(seg, VM_IP, dst))) + trailer
+    _, fast = gw.input(frame, 0.0)
+    _, general = gw._input_ipv4(VM_MAC, memoryview(frame)[14:], 0.0)
+    assert isinstance(fast, TcpIn) and isinstance(general, TcpIn)
+    assert (fast.src_mac, fast.src_ip, fast.dst_ip) == (general.src_mac, general.src_ip, general.dst_ip)
+    f, g = fast.seg, general.seg
+    assert (f.src_port, f.dst_port, f.seq, f.ack, f.flags, f.window, bytes(f.payload)) == \
+        (g.src_port, g.dst_port, g.seq, g.ack, g.flags, g.window, bytes(g.payload))
+    if flags & tcp.SYN:
+        assert f.mss == mss  # SYNs take the general path: their options are parsed
