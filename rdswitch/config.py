@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import sys
 
 import attrs
 
@@ -144,8 +143,3 @@ def normalize_argv(argv: list[str], long_flags: set[str]) -> list[str]:
                 arg = "-" + arg
         out.append(arg)
     return out
-
-
-def die(msg: str, code: int = 2) -> None:
-    print(f"error: {msg}", file=sys.stderr)
-    raise SystemExit(code)

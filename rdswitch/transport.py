@@ -456,7 +456,7 @@ class _SeqpacketListener(FrameListener):
     async def accept(self) -> FrameLink:
         try:
             conn, _addr = await self._tsock.accept()
-        except OSError as exc:
+        except OSError:
             if self._tsock.fileno() == -1:
                 raise trio.ClosedResourceError("listener was closed") from None
             raise

@@ -1,7 +1,6 @@
 """The sans-IO DNS core: authority semantics, truncation, EDNS0, config parsing."""
 
 import ipaddress
-import struct
 
 import dnslib
 import pytest

@@ -11,7 +11,7 @@ from hypothesis import example, given, settings, strategies as st
 from rdswitch.stack import tcp as T
 from rdswitch.stack.tcp import TcpConnection, rst_for
 from rdswitch.wire import tcp as W
-from rdswitch.wire.tcp import ACK, FIN, PSH, RST, SYN, Segment
+from rdswitch.wire.tcp import ACK, FIN, RST, SYN, Segment
 
 IP_A = bytes([192, 168, 127, 2])
 IP_B = bytes([192, 168, 127, 1])
