@@ -111,3 +111,26 @@ def test_api_inside_the_network_and_static_forward(bed, vm_server):
                   "http://192.168.127.1/services/forwarder/expose"]).stdout
     assert out == "200"
     assert tcp_ping(port2, "caller") == "PONG caller"
+
+
+def ctl(sock: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "rdswitch.ctl", "--api", f"unix://{sock}", *args],
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_ctl_client(bed, vm_server, tmp_path):
+    sock = str(tmp_path / "api.sock")
+    hs = bed.host_switch("--api-listen", f"unix://{sock}")
+    vm_server(hs)
+    port = free_port()
+    res = ctl(sock, "expose", f"127.0.0.1:{port}", "192.168.127.2:8000")
+    assert res.returncode == 0, res.stderr
+    assert tcp_ping(port, "ctl") == "PONG ctl"
+    assert json.loads(ctl(sock, "list").stdout) == [
+        {"local": f"127.0.0.1:{port}", "protocol": "tcp", "remote": "192.168.127.2:8000"}]
+    assert json.loads(ctl(sock, "leases").stdout) == {"192.168.127.2": "5a:94:ef:e4:0c:ee"}
+    bad = ctl(sock, "expose", "127.0.0.1:1", "10.0.0.1:80")
+    assert bad.returncode == 1 and "outside the virtual subnet" in bad.stderr
+    assert ctl(sock, "unexpose", f"127.0.0.1:{port}").returncode == 0
+    gone = ctl(sock, "unexpose", f"127.0.0.1:{port}")
+    assert gone.returncode == 1 and "404" in gone.stderr
