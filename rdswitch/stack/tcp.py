@@ -386,12 +386,15 @@ class TcpConnection:
                            flags=RST | ACK)
         return Segment(self.local_port, self.remote_port, seq=self.snd_nxt & M32, flags=RST)
 
-    def _to_closed(self) -> None:
+    def _to_closed(self, keep_received: bool = False) -> None:
+        """Go CLOSED.  A graceful close (``keep_received``) keeps the data received but not yet
+        read: the application still reads it, then EOF; a reset or abort discards it."""
         self.state = CLOSED
         self._rto_at = self._persist_at = self._tw_at = None
         self._ack_pending = False
-        self._rbuf.clear()
-        self.readable = 0
+        if not keep_received:
+            self._rbuf.clear()
+            self.readable = 0
         self._sbuf = bytearray()
 
     def _give_up(self) -> None:
@@ -548,7 +551,7 @@ class TcpConnection:
     def handle_timeout(self, now: float) -> None:
         """Fire every timer due at ``now`` (calling early is harmless)."""
         if self._tw_at is not None and now >= self._tw_at:
-            self._to_closed()
+            self._to_closed(keep_received=True)
             return
         if self._rto_at is not None and now >= self._rto_at:
             if self._first_fail is None:
@@ -743,7 +746,7 @@ class TcpConnection:
                 self.state = TIME_WAIT
                 self._tw_at = now + self.time_wait
             elif st is LAST_ACK:
-                self._to_closed()
+                self._to_closed(keep_received=True)
 
     def _rx_syn_sent(self, seg: Segment, now: float) -> None:
         flags = seg.flags

@@ -587,3 +587,25 @@ def test_any_iss_transfer(iss_a, iss_b, size):
     data = random.Random(size).randbytes(size)
     got_b, got_a = transfer(link, data, data[::-1], random.Random(1), max_chunk=10000)
     assert got_b == data and got_a == data[::-1]
+
+
+def test_unread_data_survives_a_graceful_close():
+    """Both sides close while the receiver has not read yet: the data is still read, then EOF.
+
+    (CLOSED after LAST_ACK / TIME_WAIT used to discard the receive buffer: a slow reader lost the tail.)
+    """
+    for reader_closes_first in (False, True):
+        link = handshake()
+        a, b = link.a, link.b
+        if reader_closes_first:
+            a.close_write(link.now)  # a: FIN_WAIT -> TIME_WAIT once b's FIN arrives
+        assert b.send(b"tail of the upload" * 100, link.now) == 1800
+        b.close_write(link.now)
+        link.pump()
+        if not reader_closes_first:
+            a.close_write(link.now)  # a: CLOSE_WAIT -> LAST_ACK -> CLOSED when acked
+            link.pump()
+        link.run_timers(link.now + 5)  # TIME_WAIT expires
+        assert a.closed and a.eof_received and not a.reset
+        assert a.read(1 << 20, link.now) == b"tail of the upload" * 100
+        assert a.read(1 << 20, link.now) == b""
