@@ -22,6 +22,16 @@ def unique_name(prefix: str = "rdt") -> str:
     return f"{prefix}{os.getpid() % 100000}x{next(_counter)}"
 
 
+def unique_prefix() -> str:
+    """A /24 of the benchmarking range 198.18.0.0/15 (RFC 2544) for one test's own veths: "198.18.N".
+
+    Never a range a real network uses, and different for concurrent tests (by pid and counter),
+    so routes of parallel runs do not shadow each other.
+    """
+    k = os.getpid() * 7 + next(_counter)
+    return f"198.{18 + (k // 254) % 2}.{k % 254 + 1}"
+
+
 def run(cmd: list[str], check: bool = True, timeout: float = 30, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, check=check, timeout=timeout, capture_output=True, text=True, **kw)
 

@@ -107,6 +107,10 @@ def test_getent_through_dhcp_resolv_conf(bed):
     ns = bed.namespace()
     etc = f"/etc/netns/{ns}"
     os.makedirs(etc, exist_ok=True)
+    # ip netns exec bind-mounts these over /etc: names go only to the namespace's resolver (our
+    # gateway), never to a desktop's systemd-resolved/mDNS through the host's nsswitch.conf
+    with open(f"{etc}/nsswitch.conf", "w") as f:
+        f.write("hosts: files dns\n")
     try:
         from testbed import VM
         vm = VM(ns, hs, bed.tmp, "5a:94:ef:e4:0c:ee", ["--resolv-conf", f"{etc}/resolv.conf"])

@@ -21,10 +21,8 @@ def test_dhcp_ping_arp(bed):
     assert "3 received" in out
     neigh = vm.run(["ip", "neigh", "show", "192.168.127.1"]).stdout
     assert "5a:94:ef:e4:0c:dd" in neigh
-    # ARP for the host alias is answered; ARP for an unused address is not.
-    ok = vm.run(["arping", "-c", "1", "-w", "2", "-I", "eth0", "192.168.127.254"], check=False) if _has("arping") else None
-    if ok is not None:
-        assert ok.returncode == 0
+    # ARP for the host alias is answered; ARP for an unused address is not (the kernel's
+    # neighbour table after a ping to each shows which ARP requests got an answer).
     vm.run(["ip", "neigh", "flush", "dev", "eth0"], check=False)
     vm.run(["ping", "-c", "1", "-W", "1", "192.168.127.254"], check=False)
     vm.run(["ping", "-c", "1", "-W", "1", "192.168.127.77"], check=False)
@@ -32,10 +30,6 @@ def test_dhcp_ping_arp(bed):
     lines = {l.split()[0]: l for l in neigh.splitlines() if l.strip()}
     assert "5a:94:ef:e4:0c:dd" in lines["192.168.127.254"]
     assert "lladdr" not in lines.get("192.168.127.77", "")  # FAILED / INCOMPLETE, never resolved
-
-
-def _has(tool: str) -> bool:
-    return subprocess.run(["which", tool], capture_output=True).returncode == 0
 
 
 def test_two_vms_ping_each_other(bed):

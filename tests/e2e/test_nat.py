@@ -36,15 +36,20 @@ def host_server():
 
 @pytest.fixture
 def internet(bed):
-    """A second namespace, reachable from the host at 198.18.7.2 over a veth the test owns."""
+    """A second namespace, reachable from the host over a veth the test owns (a unique 198.18.x.0/24).
+
+    Yields (namespace, server ip, server port, the /24 to allow, an unused address in it).
+    """
     ns = bed.namespace()
-    with nsutil.veth_pair(ns, "198.18.7.1/24", "198.18.7.2/24"):
+    net = nsutil.unique_prefix()
+    ip = f"{net}.2"
+    with nsutil.veth_pair(ns, f"{net}.1/24", f"{ip}/24"):
         port = free_port()
-        proc = subprocess.Popen(nsutil.ns_cmd(ns, [sys.executable, PEERS, "serve", "198.18.7.2", str(port)]))
+        proc = subprocess.Popen(nsutil.ns_cmd(ns, [sys.executable, PEERS, "serve", ip, str(port)]))
         try:
-            nsutil.wait_for(lambda: nsutil.ns_run(ns, ["bash", "-c", f"exec 3<>/dev/tcp/198.18.7.2/{port}"],
+            nsutil.wait_for(lambda: nsutil.ns_run(ns, ["bash", "-c", f"exec 3<>/dev/tcp/{ip}/{port}"],
                                                   check=False).returncode == 0, 10, what="internet server")
-            yield ns, "198.18.7.2", port
+            yield ns, ip, port, f"{net}.0/24", f"{net}.3"
         finally:
             stop(proc)
 
@@ -57,16 +62,23 @@ def session_stats(hs) -> list[dict]:
     return [json.loads(m) for m in re.findall(r"session stats (\{.*\})", hs.read_log())]
 
 
-def test_tcp_to_host_loopback_and_internet(bed, host_server, internet):
-    _ns, inet_ip, inet_port = internet
-    hs = bed.host_switch(allow=["198.18.7.0/24"])
+def test_tcp_to_host_loopback_and_internet(bed, host_server, internet, tmp_path):
+    _ns, inet_ip, inet_port, inet_net, _unused = internet
+    hs = bed.host_switch(allow=[inet_net])
     vm = bed.vm(hs)
     out = peer(vm, "halfclose", ALIAS, host_server)
     assert out == ["ok"]
-    out = vm.run(["curl", "-sS", "--max-time", "10", "-o", "/dev/null", "-w", "%{http_code}",
-                  f"http://{ALIAS}:{host_server}/"], check=False)
-    # peers.py speaks its own protocol: curl's request line is not a command, so the server just closes
-    assert out.returncode in (0, 52)
+    # curl to an HTTP server on the host's 127.0.0.1 through .254
+    (tmp_path / "index.html").write_text("hello through the NAT\n")
+    http_port = free_port()
+    web = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "--directory", str(tmp_path),
+                            str(http_port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        body = nsutil.wait_for(lambda: vm.run(["curl", "-sS", "--max-time", "5", f"http://{ALIAS}:{http_port}/"],
+                                              check=False).stdout, 10, what="curl through .254")
+        assert body == "hello through the NAT\n"
+    finally:
+        stop(web)
     local, remote, n = peer(vm, "put", inet_ip, inet_port, 2_000_000)
     assert local == remote and n == "2000000"
 
@@ -101,13 +113,14 @@ def test_64mib_each_way(bed, host_server, mtu, offload):
 
 
 def test_closed_port_refused_fast_and_unreachable_does_not_block(bed, host_server, internet):
-    hs = bed.host_switch("--connect-timeout", "5", allow=["198.18.7.0/24"])
+    _ns, _ip, _port, inet_net, unused = internet
+    hs = bed.host_switch("--connect-timeout", "5", allow=[inet_net])
     vm = bed.vm(hs)
     closed = free_port()
     out = peer(vm, "refused", ALIAS, closed)
     assert out[0] == "refused" and float(out[1]) < 1.0
-    # 198.18.7.3 does not exist: its dial hangs; others must still work meanwhile
-    blocker = subprocess.Popen(nsutil.ns_cmd(vm.ns, [sys.executable, PEERS, "refused", "198.18.7.3", "80"]),
+    # the unused address does not exist: its dial hangs; others must still work meanwhile
+    blocker = subprocess.Popen(nsutil.ns_cmd(vm.ns, [sys.executable, PEERS, "refused", unused, "80"]),
                                stdout=subprocess.PIPE, text=True)
     try:
         time.sleep(0.3)
@@ -132,17 +145,40 @@ def test_ping_host_alias_gets_real_replies(bed):
     assert "3 received" in out
 
 
+def snmp(ns: str, proto: str, field: str) -> int:
+    """A counter of /proc/net/snmp inside ``ns`` (e.g. Icmp InEchos, Udp InDatagrams)."""
+    lines = [l.split() for l in nsutil.ns_run(ns, ["cat", "/proc/net/snmp"]).stdout.splitlines() if l.startswith(proto + ":")]
+    return int(lines[1][lines[0].index(field)])
+
+
 def test_allow_outbound_refuses_and_counts(bed, host_server, internet):
-    _ns, inet_ip, inet_port = internet
+    inet_ns, inet_ip, inet_port, _net, _unused = internet
     hs = bed.host_switch()  # only 127.0.0.0/8
     vm = bed.vm(hs)
+    echos, datagrams = snmp(inet_ns, "Icmp", "InEchos"), snmp(inet_ns, "Udp", "InDatagrams")
     out = peer(vm, "refused", inet_ip, inet_port)
     assert out[0] == "refused"
-    assert peer(vm, "halfclose", ALIAS, host_server) == ["ok"]
+    assert peer(vm, "udpmany", inet_ip, inet_port, 2) == ["0"]
+    assert "0 received" in vm.run(["ping", "-c", "2", "-i", "0.2", "-W", "1", inet_ip], check=False).stdout
+    assert peer(vm, "halfclose", ALIAS, host_server) == ["ok"]  # .254 still works
+    # nothing reached the other namespace
+    assert (snmp(inet_ns, "Icmp", "InEchos"), snmp(inet_ns, "Udp", "InDatagrams")) == (echos, datagrams)
     vm.kill()
     nsutil.wait_for(lambda: session_stats(hs), 5, what="session stats")
     drops = session_stats(hs)[-1]["drops"]
-    assert drops.get("tcp-outbound-denied", 0) >= 1
+    for reason in ("tcp-outbound-denied", "udp-outbound-denied", "icmp-outbound-denied"):
+        assert drops.get(reason, 0) >= 1, reason
+
+
+def test_ping_is_forwarded_for_real(bed, internet):
+    inet_ns, inet_ip, _port, inet_net, unused = internet
+    hs = bed.host_switch(allow=[inet_net])
+    vm = bed.vm(hs)
+    before = snmp(inet_ns, "Icmp", "InEchos")
+    assert "3 received" in vm.run(["ping", "-c", "3", "-i", "0.2", "-W", "2", inet_ip]).stdout
+    assert snmp(inet_ns, "Icmp", "InEchos") >= before + 3  # the echoes really went there
+    # no host answers the unused address: no reply is forged
+    assert "0 received" in vm.run(["ping", "-c", "1", "-W", "2", unused], check=False).stdout
 
 
 def test_session_end_closes_host_sockets(bed, host_server):

@@ -26,13 +26,17 @@ class NetworkSetup:
         self.ns = nsutil.unique_name("rdns")
         self.veth_host = nsutil.unique_name("vh")
         self.veth_ns = nsutil.unique_name("vn")
+        # veth addresses of our own (the SPEC defaults 192.168.1.1/.2 are unit-tested): a host whose
+        # LAN is 192.168.1.0/24 must not get a competing route from a test
+        self.prefix = nsutil.unique_prefix()
         self.hs_url = f"unix://{hs_sock or os.path.join(tmp, 'hs.sock')}"
         self.pid_file = os.path.join(tmp, "init.pid")
         self.log = os.path.join(tmp, "ns.log")
         self.vm_log = os.path.join(tmp, "vm.log")
         self.args = [PY, "-m", "rdswitch.network_setup", "--debug", "--handshake-listen", self.hs_url,
                      "--host-url", host_url, "--netns", self.ns, "--veth-host-name", self.veth_host,
-                     "--veth-ns-name", self.veth_ns, "--pid-file", self.pid_file, "--unshare-arg", "sleep 600",
+                     "--veth-ns-name", self.veth_ns, "--veth-host-address", f"{self.prefix}.1/24",
+                     "--veth-ns-address", f"{self.prefix}.2/24", "--pid-file", self.pid_file, "--unshare-arg", "sleep 600",
                      "--logfile", self.log, "--vm-switch-logfile", self.vm_log, *extra]
         self.proc: subprocess.Popen | None = None
         self.init_pids: list[int] = []
@@ -153,10 +157,9 @@ def test_network_setup_full_cycle(bed, setup_factory):
     assert res.returncode == 0, res.stdout + res.stderr
 
     # the veth pair
-    assert ipv4_of(ns.ns, ns.veth_ns) == "192.168.1.2/24"
-    assert host_ipv4_of(ns.veth_host) == "192.168.1.1/24"
-    # bound to our own veth: other tests may use 192.168.1.0/24 on their veths at the same time
-    res = nsutil.run(["ping", "-c", "1", "-W", "2", "-I", ns.veth_host, "192.168.1.2"], check=False)
+    assert ipv4_of(ns.ns, ns.veth_ns) == f"{ns.prefix}.2/24"
+    assert host_ipv4_of(ns.veth_host) == f"{ns.prefix}.1/24"
+    res = nsutil.run(["ping", "-c", "1", "-W", "2", "-I", ns.veth_host, f"{ns.prefix}.2"], check=False)
     assert res.returncode == 0, res.stdout + res.stderr
 
     # the pid file names unshare, whose child (the "init") runs in the namespace
@@ -206,7 +209,7 @@ def test_stale_host_veth_is_removed_at_start(bed, setup_factory):
             return False
         return int(open(f"/sys/class/net/{ns.veth_host}/ifindex").read()) != old_index and host_ipv4_of(ns.veth_host)
 
-    assert nsutil.wait_for(fresh, 20, what="the new host veth") == "192.168.1.1/24"
+    assert nsutil.wait_for(fresh, 20, what="the new host veth") == f"{ns.prefix}.1/24"
     assert "removed stale" in ns.read_log()
     assert nsutil.wait_for(lambda: ns.check_alive() or ipv4_of(ns.ns, "eth9"), 20, what="DHCP on eth9") == "192.168.127.2/24"
     with open(marker) as f:
@@ -272,8 +275,12 @@ def test_host_not_listening_after_ready_is_a_clean_failure(bed, setup_factory, t
 
 def test_unusable_handshake_url_is_a_clear_error(tmp_path):
     ns_name = nsutil.unique_name("rdns")
+    # unique veth names: step 1 removes a stale host veth of that name, and the default
+    # (veth-rd0) may be a real Rancher Desktop's on the machine running the tests
     res = subprocess.run([PY, "-m", "rdswitch.network_setup", "--handshake-listen", f"unix://{tmp_path}/no/dir/hs.sock",
-                          "--netns", ns_name, "--logfile", "", "--pid-file", ""],
+                          "--host-url", f"unix://{tmp_path}/no/data.sock", "--netns", ns_name,
+                          "--veth-host-name", nsutil.unique_name("vh"), "--veth-ns-name", nsutil.unique_name("vn"),
+                          "--logfile", "", "--vm-switch-logfile", "", "--pid-file", ""],
                          capture_output=True, text=True, timeout=30, cwd=REPO)
     try:
         assert res.returncode == 1

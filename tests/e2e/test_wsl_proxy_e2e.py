@@ -1,6 +1,6 @@
-"""wsl-proxy end to end: the real process, a namespace holding 192.168.1.2
-behind a veth (like network-setup's veth-rd1), servers inside it, curl and
-sockets against 127.0.0.1 / ::1."""
+"""wsl-proxy end to end: the real process, a namespace holding the upstream
+address behind a veth (like network-setup's veth-rd1 with 192.168.1.2), servers
+inside it, curl and sockets against 127.0.0.1 / ::1."""
 
 from __future__ import annotations
 
@@ -21,7 +21,10 @@ import nsutil
 
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = str(ROOT / ".venv" / "bin" / "python")
-UPSTREAM = "192.168.1.2"
+# The namespace's address: in production 192.168.1.2 (the proxy's default); here a /24 of the
+# benchmarking range unique to this run, so a host whose LAN is 192.168.1.0/24 is never touched.
+PREFIX = nsutil.unique_prefix()
+UPSTREAM = f"{PREFIX}.2"
 
 # TCP echo + UDP echo, run inside the namespace (a test fixture; threads are fine here)
 ECHO_SERVER = r"""
@@ -77,9 +80,9 @@ def _connectable(host, port):
 
 @pytest.fixture(scope="module")
 def upstream():
-    """A namespace with 192.168.1.2; HTTP, TCP echo and UDP echo servers in it."""
+    """A namespace holding UPSTREAM behind a veth; HTTP, TCP echo and UDP echo servers in it."""
     http_port, echo_port, udp_port = free_port(), free_port(), free_port(socket.SOCK_DGRAM)
-    with nsutil.netns("rdwp") as ns, nsutil.veth_pair(ns, "192.168.1.1/24", f"{UPSTREAM}/24"):
+    with nsutil.netns("rdwp") as ns, nsutil.veth_pair(ns, f"{PREFIX}.1/24", f"{UPSTREAM}/24"):
         procs = []
         try:
             procs.append(subprocess.Popen(nsutil.ns_cmd(ns, [sys.executable, "-m", "http.server", "--bind", UPSTREAM, str(http_port)]),
