@@ -88,13 +88,22 @@ async def serve_listener(hs: HostSwitch, listener, url: str) -> None:
                 nursery.start_soon(hs.run_session, link)
 
 
-async def handshake(candidates: list[str]) -> None:
-    try:
-        url = await find_vm(candidates)
-        log.info("found the VM at %s; signalling READY", url)
-        await signal_ready(url)
-    except (HandshakeError, OSError) as exc:
-        log.error("handshake failed: %s", exc)
+async def handshake(hs: HostSwitch, candidates: list[str]) -> None:
+    """Find the VM, tell it READY; look again whenever its session has ended (a restarted vm-switch)."""
+    while True:
+        try:
+            url = await find_vm(candidates)
+            log.info("found the VM at %s; signalling READY", url)
+            await signal_ready(url)
+        except (HandshakeError, OSError) as exc:
+            log.error("handshake failed: %s", exc)
+            return
+        with trio.move_on_after(30):  # the VM dials the data URL right after READY
+            while not hs.sessions:
+                await trio.sleep(0.2)
+        while hs.sessions:
+            await trio.sleep(1)
+        log.info("no VM session left; looking for the VM again")
 
 
 async def amain(args: argparse.Namespace) -> int:
@@ -122,7 +131,7 @@ async def amain(args: argparse.Namespace) -> int:
             log.info("listening on %s (framing %s)", url, args.framing)
             nursery.start_soon(serve_listener, hs, listener, url)
         if args.handshake:
-            nursery.start_soon(handshake, args.handshake)
+            nursery.start_soon(handshake, hs, args.handshake)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for sig in signals:
                 log.info("got %s, shutting down", signal.Signals(sig).name)

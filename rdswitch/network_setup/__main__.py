@@ -75,6 +75,28 @@ async def dial_host(url: str, attempts: int) -> int:
     raise SetupError(f"cannot open the data connection to {url}: {last}")
 
 
+async def handshake_and_dial(opts: Options, st: State) -> None:
+    log.info("waiting for the host's handshake on %s", opts.handshake_listen)
+    try:
+        await serve_handshake(opts.handshake_listen)
+    except (OSError, ConfigError) as exc:
+        raise SetupError(f"cannot answer the handshake on {opts.handshake_listen}: {describe(exc)}") from None
+    log.info("handshake done; dialling the host at %s", opts.host_url)
+    st.data_fd = await dial_host(opts.host_url, opts.dial_attempts)
+    log.info("data connection open (fd %d)", st.data_fd)
+
+
+async def start_vm_switch(opts: Options, st: State) -> None:
+    cmd = vm_switch_command(opts, st.data_fd)
+    log.info("starting vm-switch: %s", " ".join(cmd))
+    try:
+        st.vm_switch = await trio.lowlevel.open_process(cmd, pass_fds=(st.data_fd,), stdin=subprocess.DEVNULL)
+    except OSError as exc:
+        raise SetupError(f"cannot start vm-switch ({' '.join(cmd)}): {exc}") from None
+    os.close(st.data_fd)  # vm-switch owns the connection now
+    st.data_fd = -1
+
+
 async def setup(opts: Options, st: State) -> None:
     # 1. a stale host veth from an earlier run
     if await trio.to_thread.run_sync(links.delete_link, opts.veth_host_name):
@@ -83,17 +105,8 @@ async def setup(opts: Options, st: State) -> None:
         log.warning("network namespace %s exists already (stale); replacing it", opts.netns)
         await trio.to_thread.run_sync(links.remove_netns, opts.netns)
 
-    # 2. the handshake
-    log.info("waiting for the host's handshake on %s", opts.handshake_listen)
-    try:
-        await serve_handshake(opts.handshake_listen)
-    except (OSError, ConfigError) as exc:
-        raise SetupError(f"cannot answer the handshake on {opts.handshake_listen}: {describe(exc)}") from None
-    log.info("handshake done; dialling the host at %s", opts.host_url)
-
-    # 3. the data connection
-    st.data_fd = await dial_host(opts.host_url, opts.dial_attempts)
-    log.info("data connection open (fd %d)", st.data_fd)
+    # 2. the handshake, 3. the data connection
+    await handshake_and_dial(opts, st)
 
     # 4. namespace and veth pair
     await trio.to_thread.run_sync(links.create_netns, opts.netns)
@@ -106,14 +119,7 @@ async def setup(opts: Options, st: State) -> None:
              opts.veth_ns_name, opts.veth_ns_address, opts.netns)
 
     # 5. vm-switch, handed the data connection
-    cmd = vm_switch_command(opts, st.data_fd)
-    log.info("starting vm-switch: %s", " ".join(cmd))
-    try:
-        st.vm_switch = await trio.lowlevel.open_process(cmd, pass_fds=(st.data_fd,), stdin=subprocess.DEVNULL)
-    except OSError as exc:
-        raise SetupError(f"cannot start vm-switch ({' '.join(cmd)}): {exc}") from None
-    os.close(st.data_fd)  # vm-switch owns the connection now
-    st.data_fd = -1
+    await start_vm_switch(opts, st)
 
     # 6. the distro's init
     cmd = init_command(opts)
@@ -154,16 +160,28 @@ async def run(opts: Options, st: State) -> None:
     assert st.vm_switch is not None
     async with trio.open_nursery() as nursery:
         if st.init is not None:
-            nursery.start_soon(watch_init, st.init)
-        code = await st.vm_switch.wait()
+            nursery.start_soon(watch_init, st.init, nursery.cancel_scope)
+        while True:
+            code = await st.vm_switch.wait()
+            # The host-switch went away (restarted, say): keep the namespace and the
+            # distro running, and wait for the host to find us again.
+            log.warning("vm-switch exited with status %s; waiting for the host's handshake again", code)
+            st.vm_switch = None
+            try:
+                await handshake_and_dial(opts, st)
+                await start_vm_switch(opts, st)
+            except (SetupError, HandshakeError, ConfigError, OSError) as exc:
+                log.error("cannot reconnect: %s; shutting down", describe(exc))
+                break
         nursery.cancel_scope.cancel()
-    log.error("vm-switch exited with status %s; shutting down", code)
     st.exit_code = 1
 
 
-async def watch_init(proc: trio.Process) -> None:
+async def watch_init(proc: trio.Process, scope: trio.CancelScope) -> None:
+    """The distro's init ending ends network-setup: there is nothing left to network."""
     code = await proc.wait()
-    log.warning("init (unshare, pid %d) exited with status %s", proc.pid, code)
+    log.warning("init (unshare, pid %d) exited with status %s; shutting down", proc.pid, code)
+    scope.cancel()
 
 
 async def teardown(opts: Options, st: State) -> None:

@@ -219,18 +219,56 @@ def test_stale_host_veth_is_removed_at_start(bed, setup_factory):
     assert not link_exists(ns.veth_host)
 
 
-def test_vm_switch_exit_tears_everything_down(bed, setup_factory):
-    """When the host goes away vm-switch cannot reconnect an inherited fd and exits; so does network-setup."""
-    hs, ns, _addr, _pid = start_and_wait_ready(bed, setup_factory)
+def test_host_switch_restart_reconnects_without_touching_the_distro(bed, setup_factory):
+    """The host-switch going away ends vm-switch (an inherited fd cannot be re-dialled); network-setup
+    keeps the namespace and the distro, answers the next handshake and starts a new vm-switch."""
+    hs, ns, _addr, init_pid = start_and_wait_ready(bed, setup_factory)
     hs.proc.send_signal(signal.SIGTERM)
     hs.proc.wait(10)
+    nsutil.wait_for(lambda: "waiting for the host's handshake again" in ns.read_log(), 15, what="reconnect wait")
+    ns.check_alive()
+    assert proc_alive(init_pid) and os.path.exists(os.path.join(NS_DIR, ns.ns))
+    # the host comes back on the same sockets
+    hs2 = subprocess.Popen(hs.args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    bed._stack.callback(lambda: (hs2.poll() is None and hs2.kill(), hs2.wait(5)))
+
+    def ping_ok():
+        ns.check_alive()
+        return nsutil.ns_run(ns.ns, ["ping", "-c", "1", "-W", "1", "192.168.127.1"], check=False).returncode == 0
+
+    nsutil.wait_for(ping_ok, 30, what="networking back through the new host-switch")
+    assert proc_alive(init_pid)  # the same distro, never restarted
+
+
+def test_vm_switch_crash_is_repaired_by_a_new_handshake(bed, setup_factory):
+    """vm-switch dying while the host-switch lives: the host looks for the VM again, network-setup
+    answers and starts a new vm-switch."""
+    hs, ns, _addr, init_pid = start_and_wait_ready(bed, setup_factory)
+    vm_switch = [p for p in map(int, nsutil.run(["ip", "netns", "pids", ns.ns]).stdout.split())
+                 if "rdswitch.vm" in " ".join(cmdline(p))]
+    assert len(vm_switch) == 1
+    os.kill(vm_switch[0], signal.SIGKILL)
+    nsutil.wait_for(lambda: "looking for the VM again" in hs.read_log(), 15, what="the host's second handshake")
+
+    def ping_ok():
+        ns.check_alive()
+        return nsutil.ns_run(ns.ns, ["ping", "-c", "1", "-W", "1", "192.168.127.1"], check=False).returncode == 0
+
+    nsutil.wait_for(ping_ok, 30, what="networking back through a new vm-switch")
+    assert proc_alive(init_pid)
+
+
+def test_init_exit_tears_everything_down(bed, setup_factory):
+    """The distro's init ending ends network-setup: namespace, veth, pid file and vm-switch go."""
+    hs, ns, _addr, init_pid = start_and_wait_ready(bed, setup_factory)
+    for pid in ns.init_pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     assert ns.proc.wait(15) == 1, ns.read_log()
     assert not os.path.exists(os.path.join(NS_DIR, ns.ns))
     assert not link_exists(ns.veth_host)
     assert not os.path.exists(ns.pid_file)
-    for pid in ns.init_pids:
-        nsutil.wait_for(lambda: not proc_alive(pid), 5, what=f"pid {pid} to exit")
-    assert "vm-switch exited" in ns.read_log()
+    assert "init (unshare" in ns.read_log() and "shutting down" in ns.read_log()
 
 
 def test_sigterm_while_waiting_for_the_handshake(bed, setup_factory, tmp_path):
