@@ -247,8 +247,8 @@ class NetStack:
 
     def _refuse_syn(self, port: Port, ev: TcpIn, reason: str) -> None:
         port.counters.drop(f"tcp-{reason}")
-        conn = TcpConnection.from_syn(ev.seg, 0.0, iss=0, mss=self.mss)
-        self._send_segments(port, ev.src_mac, ev.dst_ip, ev.src_ip, [conn.refuse()])
+        # the RST|ACK answering a SYN: no connection needs to exist for it
+        self._send_segments(port, ev.src_mac, ev.dst_ip, ev.src_ip, [rst_for(ev.seg)])
 
     def _new_stream(self, port: Port, flows: SessionFlows, ev: TcpIn, key: tuple, now: float) -> VirtualTcpStream:
         bufsize = self.policy.tcp_buffer_size
