@@ -9,7 +9,7 @@ second until one answers with the exact signature; the host then listens on
 its data URL and calls :func:`signal_ready` on the VM it found.
 
 The pure parts (:func:`check_signature`, :func:`hvsock_guid`) are plain
-functions; the rest are thin trio shells over :mod:`rdswitch.transport`.
+functions; the rest are thin trio shells over :mod:`rdswitch.aio.connect`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import logging
 import trio
 
 from rdswitch.config import HANDSHAKE_PORT, READY, SIGNATURE
-from rdswitch.transport import dial_stream, listen_stream
+from rdswitch.aio.connect import dial_stream, listen_stream
+from rdswitch.aio.tasks import accept_loop, read_exactly
 
 log = logging.getLogger(__name__)
 
@@ -57,17 +58,6 @@ def vsock_handshake_url(cid: int, port: int = HANDSHAKE_PORT) -> str:
     return f"vsock://{cid}:{port}"
 
 
-async def _read_exact(stream: trio.abc.Stream, n: int) -> bytes:
-    """Up to n bytes: fewer only if the peer closed first."""
-    got = bytearray()
-    while len(got) < n:  # bounded: each pass adds >= 1 byte or returns
-        chunk = await stream.receive_some(n - len(got))
-        if not chunk:
-            break
-        got += chunk
-    return bytes(got)
-
-
 async def probe(url: str, *, timeout: float = PROBE_TIMEOUT) -> bool:
     """Dial url and tell whether it answers with the signature."""
     with trio.move_on_after(timeout):
@@ -77,7 +67,7 @@ async def probe(url: str, *, timeout: float = PROBE_TIMEOUT) -> bool:
             log.debug("handshake probe %s: %s", url, exc)
             return False
         try:
-            data = await _read_exact(stream, len(SIGNATURE))
+            data = await read_exactly(stream, len(SIGNATURE))
         except (trio.BrokenResourceError, OSError) as exc:
             log.debug("handshake probe %s: %s", url, exc)
             return False
@@ -128,7 +118,7 @@ async def signal_ready(url: str, *, timeout: float = READY_TIMEOUT) -> None:
         with trio.fail_after(timeout):
             stream = await dial_stream(url)
             try:
-                data = await _read_exact(stream, len(SIGNATURE))
+                data = await read_exactly(stream, len(SIGNATURE))
                 if not check_signature(data):
                     raise HandshakeError(f"{url} did not send the handshake signature (got {data[:64]!r})")
                 await stream.send_all(READY)
@@ -162,7 +152,7 @@ async def serve_handshake(listen_url: str, *, ready_timeout: float = READY_TIMEO
                 try:
                     with trio.move_on_after(ready_timeout):
                         await stream.send_all(SIGNATURE)
-                        data = await _read_exact(stream, len(READY))
+                        data = await read_exactly(stream, len(READY))
                         if check_ready(data):
                             got_ready.set()
                             nursery.cancel_scope.cancel()
@@ -174,17 +164,8 @@ async def serve_handshake(listen_url: str, *, ready_timeout: float = READY_TIMEO
                     with trio.CancelScope(shield=True):
                         await stream.aclose()
 
-            async def accept_loop() -> None:
-                while True:  # ends when READY cancels the nursery
-                    try:
-                        stream = await listener.accept()
-                    except OSError as exc:  # e.g. EMFILE: keep serving
-                        log.warning("handshake accept: %s", exc)
-                        await trio.sleep(0.1)
-                        continue
-                    nursery.start_soon(handle, stream)
-
-            nursery.start_soon(accept_loop)
+            # ends when READY cancels the nursery
+            nursery.start_soon(accept_loop, listener, handle, nursery, "handshake", log)
         if not got_ready.is_set():  # pragma: no cover - only a cancel gets here
             return
         log.info("handshake: READY received")

@@ -1,4 +1,4 @@
-"""Logging set-up shared by the four processes."""
+"""Logging set-up shared by the four processes, and one-line reasons for a failed task tree."""
 
 from __future__ import annotations
 
@@ -31,3 +31,23 @@ def setup_logging(debug: bool, logfile: str | None, *, stderr_level: int = loggi
             root.addHandler(fh)
     for noisy in ("pyroute2", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def leaves(exc: BaseException) -> list[BaseException]:
+    """The non-group exceptions inside ``exc`` (itself if it is not a group; trio wraps errors in groups)."""
+    if isinstance(exc, BaseExceptionGroup):
+        out: list[BaseException] = []
+        for e in exc.exceptions:
+            out.extend(leaves(e))
+        return out
+    return [exc]
+
+
+def describe(exc: BaseException) -> str:
+    """One line naming every distinct leaf error, for a log message."""
+    seen = []
+    for e in leaves(exc):
+        text = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        if text not in seen:
+            seen.append(text)
+    return "; ".join(seen)

@@ -17,7 +17,7 @@ import socket
 import sys
 
 from ..config import ConfigError
-from ..transport import parse_url
+from ..urls import parse_url
 
 
 class _UnixHTTPConnection(http.client.HTTPConnection):

@@ -15,7 +15,8 @@ import sys
 
 import trio
 
-from .. import transport
+from ..aio import connect
+from ..urls import parse_url
 from ..config import ConfigError, NetConfig, normalize_argv
 from ..framing import validate_framing
 from ..handshake import HandshakeError, find_vm, signal_ready
@@ -63,11 +64,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.net = NetConfig(subnet=args.subnet, gateway_mac=args.gateway_mac, vm_mac=args.vm_mac, mtu=args.mtu)
         args.framing = validate_framing(args.framing)
         for url in args.listen:
-            transport.parse_url(url)
+            parse_url(url)
         args.nat_policy = NatPolicy.from_args(args, args.net)
         args.forwards = [parse_port_forward_flag(f, args.net.subnet) for f in args.port_forward]
         for url in args.api_listen:
-            transport.parse_url(url)
+            parse_url(url)
         if not args.listen:
             raise ConfigError("nothing to serve: give at least one --listen URL")
     except ConfigError as exc:
@@ -117,7 +118,7 @@ async def amain(args: argparse.Namespace) -> int:
         api = ApiServer(create_app(hs, forwarder, dns))
         nursery.start_soon(api.serve, hs.stack.listen_tcp(80))
         for url in args.api_listen:
-            nursery.start_soon(api.serve, await transport.listen_stream(url))
+            nursery.start_soon(api.serve, await connect.listen_stream(url))
             log.info("API on %s", url)
         for fwd in args.forwards:
             try:
@@ -127,7 +128,7 @@ async def amain(args: argparse.Namespace) -> int:
                 nursery.cancel_scope.cancel()
                 return 2
         for url in args.listen:
-            listener = await transport.listen(url, args.framing)
+            listener = await connect.listen(url, args.framing)
             log.info("listening on %s (framing %s)", url, args.framing)
             nursery.start_soon(serve_listener, hs, listener, url)
         if args.handshake:

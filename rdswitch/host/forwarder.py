@@ -15,7 +15,7 @@ import socket
 import attrs
 import trio
 
-from ..errors import describe
+from ..logs import describe
 from ..services.forwarder import Forward
 from .netstack import NetStack, pipe
 

@@ -20,9 +20,9 @@ import attrs
 import trio
 
 from ..config import ConfigError, NetConfig, parse_cidr
-from ..errors import describe
+from ..logs import describe
 from ..stack.gateway import IcmpEchoIn, OffloadIn, TcpIn, UdpIn
-from ..stack.sockets import SocketInfo, VirtualTcpListener, VirtualTcpStream
+from ..aio.tcp_stream import SocketInfo, VirtualTcpListener, VirtualTcpStream
 from ..stack.tcp import TcpConnection, rst_for
 from ..wire import icmp, offload, tcp
 from .session import Port

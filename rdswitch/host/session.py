@@ -14,7 +14,7 @@ import logging
 
 import trio
 
-from ..stack.gateway import Counters
+from ..stack.counters import Counters
 
 log = logging.getLogger("rdswitch.host")
 

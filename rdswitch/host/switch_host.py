@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 
 import trio
 
 from ..config import NetConfig
-from ..errors import describe, leaves
+from ..logs import describe, leaves
 from ..framing import FramingError
 from ..services.dhcp import DhcpServer
-from ..stack.gateway import Counters, Gateway
+from ..stack.counters import Counters
+from ..stack.gateway import Gateway
 from ..stack.switch import Switch
-from ..wire import pcap
 from ..wire.errors import MalformedPacket
+from .capture import Capture
 from .session import Port
 
 log = logging.getLogger("rdswitch.host")
@@ -31,37 +31,6 @@ EXPECTED_SESSION_ERRORS = (FramingError, trio.BrokenResourceError, trio.ClosedRe
 class _GatewayPort:
     def __repr__(self) -> str:
         return "<gateway>"
-
-
-class Capture:
-    """Every frame that enters the switch, as pcap records (debugging aid)."""
-
-    def __init__(self, path: str) -> None:
-        self.failed = False
-        self.file = open(path, "wb", buffering=1 << 20)
-        self.file.write(pcap.pcap_header())
-        self.file.flush()
-
-    def write(self, frames) -> None:
-        if self.failed:
-            return
-        ts = time.time()
-        try:
-            for frame in frames:
-                self.file.write(pcap.pcap_record(bytes(frame), ts))
-        except OSError as exc:  # a full disk stops the capture, not the network
-            self.failed = True
-            log.error("capture stopped: %s", exc)
-
-    def flush(self) -> None:
-        try:
-            self.file.flush()
-        except OSError as exc:
-            self.failed = True
-            log.error("capture stopped: %s", exc)
-
-    def close(self) -> None:
-        self.file.close()
 
 
 class HostSwitch:

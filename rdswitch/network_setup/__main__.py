@@ -21,9 +21,9 @@ import sys
 import attrs
 import trio
 
-from .. import transport
+from ..aio import connect
 from ..config import ConfigError
-from ..errors import describe, leaves
+from ..logs import describe, leaves
 from ..handshake import HandshakeError, serve_handshake
 from . import links
 from .children import stop_process
@@ -64,7 +64,7 @@ async def dial_host(url: str, attempts: int) -> int:
     last: Exception | None = None
     for attempt in range(attempts):
         try:
-            stream = await transport.dial_stream(url)
+            stream = await connect.dial_stream(url)
         except (OSError, ConfigError) as exc:
             last = exc
             log.warning("dialling the host at %s failed (attempt %d/%d): %s", url, attempt + 1, attempts, exc)

@@ -27,7 +27,7 @@ from ..config import (
     normalize_argv,
     parse_mac,
 )
-from ..transport import parse_url
+from ..urls import parse_url
 
 DEFAULT_HANDSHAKE_LISTEN = f"vsock://:{HANDSHAKE_PORT}"
 DEFAULT_HOST_URL = f"vsock://2:{DATA_PORT}"

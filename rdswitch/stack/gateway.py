@@ -8,7 +8,6 @@ ICMP echo to the gateway IP and DHCP are answered right here.
 
 from __future__ import annotations
 
-import collections
 import ipaddress
 import struct
 
@@ -18,6 +17,7 @@ from ..config import NetConfig
 from ..wire import arp, ethernet, icmp, ipv4, offload, tcp, udp
 from ..wire.checksum import fold, ones_sum, pseudo_header_sum
 from ..wire.errors import MalformedPacket
+from .counters import Counters
 
 BROADCAST_IP = b"\xff\xff\xff\xff"
 # IPv4 header (no options) followed by a TCP header without options, packed at once.
@@ -64,20 +64,6 @@ class OffloadIn:
 
 
 Event = TcpIn | UdpIn | IcmpEchoIn | OffloadIn
-
-
-class Counters:
-    """Per-session (or per-gateway) counters; a plain dict view for the API."""
-
-    def __init__(self) -> None:
-        self.values: collections.Counter[str] = collections.Counter()
-        self.drops: collections.Counter[str] = collections.Counter()
-
-    def drop(self, reason: str, n: int = 1) -> None:
-        self.drops[reason] += n
-
-    def as_dict(self) -> dict:
-        return {**self.values, "drops": dict(self.drops)}
 
 
 def _mac_dst(dst_ip: bytes, neighbors: dict[bytes, bytes]) -> bytes:

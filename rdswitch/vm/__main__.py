@@ -19,9 +19,10 @@ import sys
 
 import trio
 
-from .. import transport
+from ..aio import connect, links
+from ..urls import parse_url
 from ..config import ConfigError, NetConfig, format_mac, normalize_argv, parse_mac, parse_mtu
-from ..errors import describe
+from ..logs import describe
 from ..framing import validate_framing
 from ..wire import ethernet, ipv4, offload, udp
 from . import tap
@@ -58,7 +59,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.net = NetConfig(subnet=args.subnet)
         args.initial_mtu = parse_mtu(args.mtu) if args.mtu is not None else 1500
         args.framing = validate_framing(args.framing)
-        transport.parse_url(args.connect)
+        parse_url(args.connect)
     except ConfigError as exc:
         p.error(str(exc))
     return args
@@ -109,8 +110,8 @@ class VmSwitch:
 
     async def open_link(self, url: str):
         if url.startswith("fd://"):
-            return transport.link_from_fd(int(url[5:]), self.args.framing)
-        return await transport.dial(url, self.args.framing)
+            return links.link_from_fd(int(url[5:]), self.args.framing)
+        return await connect.dial(url, self.args.framing)
 
     async def session(self, link) -> str:
         reason = "connection closed"

@@ -11,7 +11,7 @@ from rdswitch.handshake import (
     serve_handshake,
     signal_ready,
 )
-from rdswitch.transport import dial, dial_stream, listen, listen_stream
+from rdswitch.aio.connect import dial, dial_stream, listen, listen_stream
 
 
 def run(fn, *args):

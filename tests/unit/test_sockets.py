@@ -10,7 +10,7 @@ import pytest
 import trio
 import trio.testing
 
-from rdswitch.stack.sockets import SocketInfo, VirtualTcpListener, VirtualTcpStream
+from rdswitch.aio.tcp_stream import SocketInfo, VirtualTcpListener, VirtualTcpStream
 from rdswitch.stack.tcp import TcpConnection
 from rdswitch.wire.tcp import RST, SYN, Segment
 

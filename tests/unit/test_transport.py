@@ -6,18 +6,12 @@ import struct
 import pytest
 import trio
 
-from rdswitch import transport
+from rdswitch.aio import connect, links
 from rdswitch.config import ConfigError
 from rdswitch.framing import FramingError, encode
-from rdswitch.transport import (
-    StreamFrameLink,
-    dial,
-    dial_stream,
-    link_from_fd,
-    listen,
-    listen_stream,
-    parse_url,
-)
+from rdswitch.aio.connect import dial, dial_stream, listen, listen_stream
+from rdswitch.aio.links import StreamFrameLink, link_from_fd
+from rdswitch.urls import parse_url
 
 FRAMES = [b"\x01" * 60, b"\x02" * 1514, b"\x03" * 65535, b"\x04"]
 
@@ -104,11 +98,11 @@ def test_vsock_unsupported_kernel(monkeypatch):
             raise OSError(97, "Address family not supported by protocol")
         return real(family, type_, *a, **kw)
 
-    monkeypatch.setattr(transport._stdsocket, "socket", fake)
+    monkeypatch.setattr(connect._stdsocket, "socket", fake)
     if not hasattr(socket, "AF_VSOCK"):
         pytest.skip("no AF_VSOCK constant")
     with pytest.raises(OSError, match="vsock is not available"):
-        transport._new_socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+        connect._new_socket(socket.AF_VSOCK, socket.SOCK_STREAM)
 
 
 def test_framing_needs_unix_for_datagrams():
@@ -310,7 +304,7 @@ def test_dial_fd_url_seqpacket():
 
     async def main():
         link = await dial(f"fd://{a.detach()}", "bess")
-        other = transport.DatagramFrameLink(b, "bess")
+        other = links.DatagramFrameLink(b, "bess")
         await link.send_batch(FRAMES)
         assert await recv_n(other, len(FRAMES)) == FRAMES
         await other.send_batch([b"x" * 100])
@@ -361,7 +355,7 @@ def test_seqpacket_oversized_and_empty():
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 
     async def main():
-        link = transport.DatagramFrameLink(a, "bess", max_frame=100)
+        link = links.DatagramFrameLink(a, "bess", max_frame=100)
         b.send(b"y" * 101)
         with pytest.raises(FramingError, match="too large"):
             await link.receive_batch()

@@ -39,7 +39,7 @@ import attrs
 import trio
 
 from ..wire.tcp import Segment
-from .tcp import TcpConnection
+from ..stack.tcp import TcpConnection
 
 DEFAULT_RECEIVE_SIZE = 65536
 TIME_WAIT = "TIME_WAIT"

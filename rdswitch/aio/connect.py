@@ -1,0 +1,353 @@
+"""Listening and dialling by URL (trio): byte streams and frame links.
+
+``listen``/``dial`` give :class:`~rdswitch.aio.links.FrameLink`s in a framing;
+``listen_stream``/``dial_stream`` give plain byte streams (the handshake, the
+API).  Unix socket files are created mode 0600, a stale one is replaced, a
+live one is refused, and ours is removed when the listener closes.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import socket as _stdsocket
+import stat
+
+import attrs
+import trio
+
+from rdswitch.config import ConfigError
+from rdswitch.framing import MAX_FRAME, STREAM_FRAMINGS, VFKIT_HELLO, validate_framing
+from rdswitch.urls import Endpoint, parse_url
+from rdswitch.aio.links import (
+    DatagramFrameLink,
+    FrameLink,
+    StreamFrameLink,
+    _describe,
+    _tune_data_socket,
+    link_from_fd,
+)
+
+__all__ = ["StreamListener", "FrameListener", "listen", "listen_stream", "dial", "dial_stream"]
+
+
+def _new_socket(family: int, type_: int) -> _stdsocket.socket:
+    try:
+        return _stdsocket.socket(family, type_)
+    except OSError as exc:
+        if family == getattr(_stdsocket, "AF_VSOCK", None) and exc.errno in (errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT):
+            raise OSError(exc.errno, f"vsock is not available on this machine (is the vsock kernel module loaded?): {exc.strerror}") from None
+        raise
+
+
+
+# --------------------------------------------------------------------------
+# Listeners
+
+
+class StreamListener(trio.abc.Listener[trio.SocketStream]):
+    """A listening stream socket; ``url`` is the bound address (real port)."""
+
+    def __init__(self, tsock: trio.socket.SocketType, endpoint: Endpoint, *, unlink_path: str | None = None):
+        self.socket = tsock
+        self.endpoint = endpoint
+        self._listener = trio.SocketListener(tsock)
+        self._unlink = _unlink_token(unlink_path)
+        if endpoint.scheme == "tcp":
+            host, port = tsock.getsockname()[:2]
+            endpoint = attrs.evolve(endpoint, port=port)
+        elif endpoint.scheme == "vsock":
+            cid, port = tsock.getsockname()[:2]
+            endpoint = attrs.evolve(endpoint, port=port)
+        self.url = str(endpoint)
+
+    async def accept(self) -> trio.SocketStream:
+        return await self._listener.accept()
+
+    async def aclose(self) -> None:
+        try:
+            await self._listener.aclose()
+        finally:
+            _do_unlink(self._unlink)
+
+
+class FrameListener(trio.abc.Listener[FrameLink]):
+    """accept() returns a FrameLink."""
+
+    url: str
+
+    async def accept(self) -> FrameLink:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class _StreamFrameListener(FrameListener):
+    def __init__(self, inner: StreamListener, framing: str):
+        self.inner = inner
+        self.framing = framing
+        self.url = inner.url
+
+    async def accept(self) -> FrameLink:
+        stream = await self.inner.accept()
+        sock = stream.socket
+        _tune_data_socket(sock)  # type: ignore[arg-type]  # trio sockets accept setsockopt too
+        return StreamFrameLink(stream, self.framing, peer=_describe(sock, self.url))  # type: ignore[arg-type]
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class _SeqpacketListener(FrameListener):
+    def __init__(self, tsock: trio.socket.SocketType, endpoint: Endpoint, unlink_path: str | None):
+        self._tsock = tsock
+        self.url = str(endpoint)
+        self._unlink = _unlink_token(unlink_path)
+
+    async def accept(self) -> FrameLink:
+        try:
+            conn, _addr = await self._tsock.accept()
+        except OSError:
+            if self._tsock.fileno() == -1:
+                raise trio.ClosedResourceError("listener was closed") from None
+            raise
+        sock = _stdsocket.socket(fileno=conn.detach())
+        _tune_data_socket(sock)
+        return DatagramFrameLink(sock, "bess", peer=f"{self.url} (seqpacket peer)")
+
+    async def aclose(self) -> None:
+        self._tsock.close()
+        _do_unlink(self._unlink)
+        await trio.lowlevel.checkpoint()
+
+
+class _VfkitListener(FrameListener):
+    """A bound SOCK_DGRAM socket: the first peer that sends VFKT gets the link."""
+
+    def __init__(self, sock: _stdsocket.socket, endpoint: Endpoint, unlink_path: str | None):
+        self._sock = sock
+        self._tsock = trio.socket.from_stdlib_socket(sock)
+        self.url = str(endpoint)
+        self._unlink = _unlink_token(unlink_path)
+        self._handed_out = False
+
+    async def accept(self) -> FrameLink:
+        if self._handed_out:
+            # One socket, one peer: there is nothing more to accept.
+            await trio.sleep_forever()
+        while True:
+            data, addr = await self._tsock.recvfrom(MAX_FRAME + 1)
+            if data == VFKIT_HELLO and addr:
+                break
+            # Frames from a peer that never said hello are dropped.
+        self._sock.connect(addr)
+        self._handed_out = True
+        _tune_data_socket(self._sock)
+        name = addr.decode(errors="replace") if isinstance(addr, bytes) else addr
+        peer = "unix://" + (("@" + name[1:]) if name.startswith("\0") else name)
+        return DatagramFrameLink(self._sock, "vfkit", peer=peer)
+
+    async def aclose(self) -> None:
+        if not self._handed_out:
+            self._tsock.close()
+        _do_unlink(self._unlink)
+        await trio.lowlevel.checkpoint()
+
+
+def _unlink_token(path: str | None) -> tuple[str, int, int] | None:
+    if not path or path.startswith("\0"):
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (path, st.st_dev, st.st_ino)
+
+
+def _do_unlink(token: tuple[str, int, int] | None) -> None:
+    """Remove our socket file, unless someone else's socket has replaced it."""
+    if token is None:
+        return
+    path, dev, ino = token
+    try:
+        st = os.stat(path)
+        if (st.st_dev, st.st_ino) == (dev, ino):
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+async def _prepare_unix_path(path: str, sock_type: int) -> None:
+    """Remove a stale socket file; refuse to clobber a live socket or a non-socket."""
+    if path.startswith("\0"):
+        return
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ConfigError(f"cannot listen on unix://{path}: the path exists and is not a socket")
+    if sock_type != _stdsocket.SOCK_DGRAM:
+        probe = trio.socket.socket(_stdsocket.AF_UNIX, sock_type)
+        try:
+            with trio.move_on_after(1.0):
+                await probe.connect(path)
+                raise OSError(errno.EADDRINUSE, f"cannot listen on unix://{path}: another process is listening there")
+        except (ConnectionRefusedError, FileNotFoundError):
+            pass
+        finally:
+            probe.close()
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+async def _bound_socket(ep: Endpoint, sock_type: int) -> tuple[_stdsocket.socket, str | None]:
+    """A socket bound to ep (unix: stale file removed, mode 0600)."""
+    if ep.scheme == "fd":
+        raise ConfigError(f"cannot listen on {ep}: fd:// URLs name an already-connected socket")
+    if ep.scheme != "unix" and sock_type != _stdsocket.SOCK_STREAM:
+        raise ConfigError(f"cannot listen on {ep}: this framing needs a unix:// socket")
+    if ep.scheme == "unix":
+        await _prepare_unix_path(ep.path, sock_type)
+    sock = _new_socket(ep.family, sock_type)
+    try:
+        if ep.scheme == "tcp":
+            sock.setsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_REUSEADDR, 1)
+        if ep.scheme == "tcp" and not _is_ip(ep.host):
+            infos = await trio.socket.getaddrinfo(ep.host, ep.port, ep.family, sock_type)
+            if not infos:
+                raise OSError(errno.EADDRNOTAVAIL, f"cannot resolve {ep.host}")
+            sock.bind(infos[0][4])
+        else:
+            sock.bind(ep.sockaddr(listening=True))
+        if ep.scheme == "unix" and not ep.path.startswith("\0"):
+            os.chmod(ep.path, 0o600)  # before listen(): nobody can connect yet
+    except BaseException:
+        sock.close()
+        raise
+    return sock, (ep.path if ep.scheme == "unix" else None)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+async def listen_stream(url: str, *, backlog: int = 128) -> StreamListener:
+    """A listener of raw byte streams (unix, tcp, vsock)."""
+    ep = parse_url(url)
+    sock, path = await _bound_socket(ep, _stdsocket.SOCK_STREAM)
+    try:
+        sock.listen(backlog)
+        return StreamListener(trio.socket.from_stdlib_socket(sock), ep, unlink_path=path)
+    except BaseException:
+        sock.close()
+        raise
+
+
+async def listen(url: str, framing: str = "stdio") -> FrameListener:
+    """A listener whose accept() returns FrameLinks."""
+    framing = validate_framing(framing)
+    if framing in STREAM_FRAMINGS:
+        return _StreamFrameListener(await listen_stream(url), framing)
+    ep = parse_url(url)
+    if framing == "bess":
+        sock, path = await _bound_socket(ep, _stdsocket.SOCK_SEQPACKET)
+        try:
+            sock.listen(16)
+            return _SeqpacketListener(trio.socket.from_stdlib_socket(sock), ep, path)
+        except BaseException:
+            sock.close()
+            raise
+    sock, path = await _bound_socket(ep, _stdsocket.SOCK_DGRAM)
+    _tune_data_socket(sock)
+    return _VfkitListener(sock, ep, path)
+
+
+# --------------------------------------------------------------------------
+# Dialing
+
+
+async def _connect(ep: Endpoint, sock_type: int) -> trio.socket.SocketType:
+    if ep.scheme == "tcp":
+        if ep.port == 0:
+            raise ConfigError(f"cannot dial {ep}: port 0")
+        if sock_type != _stdsocket.SOCK_STREAM:
+            raise ConfigError(f"cannot dial {ep}: this framing needs a unix:// socket")
+        if not _is_ip(ep.host):
+            # Host names: let trio try every address.
+            stream = await trio.open_tcp_stream(ep.host, ep.port)
+            return stream.socket  # type: ignore[return-value]
+    if ep.scheme == "vsock" and sock_type != _stdsocket.SOCK_STREAM:
+        raise ConfigError(f"cannot dial {ep}: this framing needs a unix:// socket")
+    addr = ep.sockaddr()
+    tsock = trio.socket.from_stdlib_socket(_new_socket(ep.family, sock_type))
+    try:
+        await tsock.connect(addr)
+    except BaseException:
+        tsock.close()
+        raise
+    return tsock
+
+
+async def dial_stream(url: str) -> trio.abc.Stream:
+    """A connected byte stream (unix, tcp, vsock, fd)."""
+    ep = parse_url(url)
+    if ep.scheme == "fd":
+        return _stream_from_fd(ep.fd)
+    return trio.SocketStream(await _connect(ep, _stdsocket.SOCK_STREAM))
+
+
+async def dial(url: str, framing: str = "stdio") -> FrameLink:
+    """Connect to url and return a FrameLink speaking framing."""
+    framing = validate_framing(framing)
+    ep = parse_url(url)
+    if ep.scheme == "fd":
+        await trio.lowlevel.checkpoint()
+        return link_from_fd(ep.fd, framing)
+    if framing in STREAM_FRAMINGS:
+        tsock = await _connect(ep, _stdsocket.SOCK_STREAM)
+        _tune_data_socket(tsock)  # type: ignore[arg-type]
+        return StreamFrameLink(trio.SocketStream(tsock), framing, peer=str(ep))
+    if ep.scheme != "unix":
+        raise ConfigError(f"cannot dial {ep} with {framing} framing: it needs a unix:// socket")
+    if framing == "bess":
+        tsock = await _connect(ep, _stdsocket.SOCK_SEQPACKET)
+        sock = _stdsocket.socket(fileno=tsock.detach())
+        _tune_data_socket(sock)
+        return DatagramFrameLink(sock, "bess", peer=str(ep))
+    # vfkit: our own (autobound, abstract) address so the peer can answer.
+    sock = _stdsocket.socket(_stdsocket.AF_UNIX, _stdsocket.SOCK_DGRAM)
+    try:
+        sock.bind("")
+        sock.connect(ep.path)
+        _tune_data_socket(sock)
+        link = DatagramFrameLink(sock, "vfkit", peer=str(ep))
+    except BaseException:
+        sock.close()
+        raise
+    await link.send_batch([VFKIT_HELLO])
+    return link
+
+
+# --------------------------------------------------------------------------
+# fd://
+
+
+def _stream_from_fd(fd: int) -> trio.abc.Stream:
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError as exc:
+        raise ConfigError(f"fd://{fd}: not an open file descriptor ({exc.strerror})") from None
+    if stat.S_ISSOCK(mode):
+        sock = _stdsocket.socket(fileno=fd)
+        if sock.type != _stdsocket.SOCK_STREAM:
+            sock.detach()
+            raise ConfigError(f"fd://{fd} is not a stream socket")
+        return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+    return trio.lowlevel.FdStream(fd)
+
