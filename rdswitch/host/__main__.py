@@ -18,13 +18,16 @@ import trio
 from ..aio import connect
 from ..urls import parse_url
 from ..config import ConfigError, NetConfig, normalize_argv
+from ..aio.tasks import accept_loop
 from ..framing import validate_framing
 from ..handshake import HandshakeError, find_vm, signal_ready
 from . import dns_server
 from ..services.forwarder import parse_port_forward_flag
+from ..stack.nat import NatPolicy
+from . import switch_host
 from .api import ApiServer, create_app
 from .forwarder import ForwardError, Forwarder
-from .netstack import NetStack, NatPolicy, add_nat_arguments
+from .nat import add_nat_arguments
 from .switch_host import HostSwitch
 from ..logs import setup_logging
 
@@ -77,16 +80,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 async def serve_listener(hs: HostSwitch, listener, url: str) -> None:
-    async with listener:
-        async with trio.open_nursery() as nursery:
-            while True:
-                try:
-                    link = await listener.accept()
-                except (OSError, trio.BrokenResourceError) as exc:
-                    log.warning("accept on %s failed: %s", url, exc)
-                    await trio.sleep(0.1)
-                    continue
-                nursery.start_soon(hs.run_session, link)
+    async with listener, trio.open_nursery() as nursery:
+        await accept_loop(listener, hs.run_session, nursery, f"listener {url}", log)
 
 
 async def handshake(hs: HostSwitch, candidates: list[str]) -> None:
@@ -101,22 +96,22 @@ async def handshake(hs: HostSwitch, candidates: list[str]) -> None:
             return
         with trio.move_on_after(30):  # the VM dials the data URL right after READY
             while not hs.sessions:
-                await trio.sleep(0.2)
+                await hs.sessions_changed.wait()
         while hs.sessions:
-            await trio.sleep(1)
+            await hs.sessions_changed.wait()
         log.info("no VM session left; looking for the VM again")
 
 
 async def amain(args: argparse.Namespace) -> int:
     dns = dns_server.from_args(args, args.net)
-    hs = HostSwitch(args.net, capture=args.capture, search_domains=dns.search_domains)
+    hs = switch_host.build(args.net, args.nat_policy, dns=dns, capture=args.capture,
+                           search_domains=dns.search_domains)
     async with trio.open_nursery() as nursery:
-        hs.stack = NetStack(hs, args.nat_policy, dns=dns)
-        await nursery.start(hs.stack.run)
-        forwarder = Forwarder(hs.stack)
+        forwarder = Forwarder(hs)
         await nursery.start(forwarder.run)
         api = ApiServer(create_app(hs, forwarder, dns))
-        nursery.start_soon(api.serve, hs.stack.listen_tcp(80))
+        hs.nat.add_local_service(53, dns.serve_stream)  # DNS over TCP; UDP is answered by the NAT shell
+        hs.nat.add_local_service(80, api.connection)
         for url in args.api_listen:
             nursery.start_soon(api.serve, await connect.listen_stream(url))
             log.info("API on %s", url)

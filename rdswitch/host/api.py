@@ -1,4 +1,4 @@
-"""The HTTP API (SPEC.md): port forwarding, DHCP leases, DNS zones, stats.
+"""The HTTP API (docs/api.md): port forwarding, DHCP leases, DNS zones, stats.
 
 Served by hypercorn on any trio listener: the virtual listener on gateway:80
 inside the network, and optionally a host socket (``--api-listen``).
@@ -21,6 +21,7 @@ from hypercorn.typing import ConnectionState
 from quart import Response, request
 from quart_trio import QuartTrio
 
+from ..aio.tasks import accept_loop
 from ..config import ConfigError
 from ..services.forwarder import parse_expose, parse_unexpose
 from .forwarder import ForwardError
@@ -130,17 +131,12 @@ class ApiServer:
         self.context = WorkerContext(None)
 
     async def serve(self, listener: trio.abc.Listener) -> None:
-        async with trio.open_nursery() as nursery:
-            while True:
-                try:
-                    stream = await listener.accept()
-                except (OSError, trio.BrokenResourceError) as exc:
-                    log.warning("API accept failed: %s", exc)
-                    await trio.sleep(0.1)
-                    continue
-                nursery.start_soon(self._connection, stream)
+        """Serve a host listener (``--api-listen``) until cancelled."""
+        async with listener, trio.open_nursery() as nursery:
+            await accept_loop(listener, self.connection, nursery, "API", log)
 
-    async def _connection(self, stream) -> None:
+    async def connection(self, stream) -> None:
+        """Serve one connection (a host socket's, or a VM's on gateway:80 in its session nursery)."""
         try:
             await TCPServer(self.app, self.config, self.context, ConnectionState({}), stream)
         except Exception as exc:  # noqa: BLE001 - one connection never ends the API

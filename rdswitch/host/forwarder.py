@@ -3,21 +3,24 @@
 Each forward's listener runs in the forwarder's nursery under its own cancel
 scope.  A forwarded TCP connection belongs to the session of the VM it goes
 to (its task runs in that session's nursery), so it ends with the session, and
-also when the forward is removed.
+also when the forward is removed.  A UDP forward gives each host client a
+gateway port in the VM's session that accepts replies only from the forward's
+own remote address.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import socket
 
 import attrs
 import trio
 
+from ..aio.tasks import accept_loop, pipe
 from ..logs import describe
 from ..services.forwarder import Forward
-from .netstack import NetStack, pipe
 
 log = logging.getLogger("rdswitch.forwarder")
 
@@ -41,8 +44,9 @@ class _Active:
 
 
 class Forwarder:
-    def __init__(self, stack: NetStack) -> None:
-        self.stack = stack
+    def __init__(self, hs) -> None:
+        self.hs = hs
+        self.nat = hs.nat
         self.active: dict[tuple[str, str], _Active] = {}
         self._nursery: trio.Nursery | None = None
 
@@ -89,24 +93,23 @@ class Forwarder:
         log.info("stopped forwarding %s/%s", *key)
 
     async def _serve_tcp(self, active: _Active, sock) -> None:
-        fwd = active.forward
         with active.scope, sock:
             listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
-            while True:
-                try:
-                    host_stream = await listener.accept()
-                except OSError as exc:  # EMFILE and friends: back off instead of spinning
-                    log.warning("accept on %s failed: %s", fwd.local, exc)
-                    await trio.sleep(0.1)
-                    continue
-                found = self.stack.session_for(socket.inet_aton(fwd.remote_ip))
-                if found is None:
-                    log.debug("forward %s: no VM holds %s", fwd.local, fwd.remote_ip)
-                    await host_stream.aclose()
-                    continue
-                found[0].nursery.start_soon(self._tcp_conn, active, host_stream)
+            async with trio.open_nursery() as nursery:  # holds no connection: each runs in its VM's session
+                await accept_loop(listener, functools.partial(self._tcp_accepted, active), nursery,
+                                  f"forward {active.forward.local}", log)
 
-    async def _tcp_conn(self, active: _Active, host_stream) -> None:
+    async def _tcp_accepted(self, active: _Active, host_stream) -> None:
+        fwd = active.forward
+        found = self.hs.session_for(socket.inet_aton(fwd.remote_ip))
+        if found is None:
+            log.debug("forward %s: no VM holds %s", fwd.local, fwd.remote_ip)
+            await host_stream.aclose()
+            return
+        session, vm_mac = found
+        session.nursery.start_soon(self._tcp_conn, active, session, vm_mac, host_stream)
+
+    async def _tcp_conn(self, active: _Active, session, vm_mac: bytes, host_stream) -> None:
         fwd = active.forward
         scope = trio.CancelScope()
         active.conn_scopes.add(scope)
@@ -114,7 +117,8 @@ class Forwarder:
             with scope:
                 async with host_stream:
                     try:
-                        _port, vstream = await self.stack.open_tcp(socket.inet_aton(fwd.remote_ip), fwd.remote_port)
+                        vstream = await self.nat.open_tcp(session, vm_mac, socket.inet_aton(fwd.remote_ip),
+                                                          fwd.remote_port)
                     except OSError as exc:
                         log.debug("forward %s -> %s: %s", fwd.local, fwd.remote, exc)
                         return
@@ -130,21 +134,21 @@ class Forwarder:
     async def _serve_udp(self, active: _Active, sock: socket.socket) -> None:
         """Datagrams from host clients go to the VM from one gateway port per client; replies come back."""
         fwd = active.forward
-        stack = self.stack
+        nat = self.nat
         vm_ip = socket.inet_aton(fwd.remote_ip)
-        clients: dict[tuple, int] = {}  # host client address -> gateway port
-        last_seen: dict[int, float] = {}
+        clients: dict[tuple, tuple] = {}  # host client address -> (UdpEndpoint, session)
+        last_seen: dict[tuple, float] = {}
 
         def forget(addr) -> None:
-            gw_port = clients.pop(addr)
-            last_seen.pop(gw_port, None)
-            stack.udp_endpoints.pop(gw_port, None)
+            ep, _session = clients.pop(addr)
+            last_seen.pop(addr, None)
+            nat.close_endpoint(ep)
 
-        def replier(addr, gw_port):
-            def on_reply(_port, ev) -> None:
-                last_seen[gw_port] = trio.current_time()
+        def replier(addr):
+            def on_reply(payload) -> None:
+                last_seen[addr] = trio.current_time()
                 try:
-                    sock.sendto(bytes(ev.payload), addr)  # non-blocking; a full buffer drops
+                    sock.sendto(bytes(payload), addr)  # non-blocking; a full buffer drops
                 except OSError:
                     pass
             return on_reply
@@ -154,25 +158,28 @@ class Forwarder:
                 while True:
                     with trio.move_on_after(UDP_IDLE / 3):
                         await trio.lowlevel.wait_readable(sock)
+                    now = trio.current_time()
                     for _ in range(64):
                         try:
                             data, addr = sock.recvfrom(65535)
                         except (BlockingIOError, ConnectionRefusedError):
                             break
-                        found = stack.session_for(vm_ip)
+                        found = self.hs.session_for(vm_ip)
                         if found is None:
                             continue
-                        gw_port = clients.get(addr)
-                        if gw_port is None:
+                        session, vm_mac = found
+                        entry = clients.get(addr)
+                        if entry is not None and (entry[1] is not session or not nat.endpoint_alive(entry[0])):
+                            forget(addr)  # the VM's session was replaced
+                            entry = None
+                        if entry is None:
                             if len(clients) >= UDP_MAX_CLIENTS:
-                                forget(min(clients, key=lambda a: last_seen[clients[a]]))
-                            gw_port = clients[addr] = stack.ephemeral_port(lambda p: False)
-                            stack.udp_endpoints[gw_port] = replier(addr, gw_port)
-                        last_seen[gw_port] = trio.current_time()
-                        port, vm_mac = found
-                        stack.send_udp(port, vm_mac, gw_port, vm_ip, fwd.remote_port, data)
-                    now = trio.current_time()
-                    for addr in [a for a, p in clients.items() if now - last_seen[p] > UDP_IDLE]:
+                                forget(min(clients, key=lambda a: last_seen[a]))
+                            ep = nat.open_endpoint(session, vm_ip, fwd.remote_port, replier(addr))
+                            entry = clients[addr] = (ep, session)
+                        last_seen[addr] = now
+                        nat.send_udp(session, vm_mac, entry[0].port, vm_ip, fwd.remote_port, data)
+                    for addr in [a for a, seen in last_seen.items() if now - seen > UDP_IDLE]:
                         forget(addr)
         finally:
             for addr in list(clients):

@@ -1,9 +1,10 @@
 """One VM connection = one switch port = one session nursery.
 
-A :class:`Port` owns an outgoing frame queue and the writer task that drains
-it in batches.  Everything the session starts (its writer, its NAT flows,
-its service handlers) runs in ``port.nursery``, so cancelling the session is
-the only teardown path.
+A :class:`Session` owns an outgoing frame queue and the writer task that
+drains it in batches.  Everything that serves its VM (the writer, the NAT's
+flows, DNS queries and DNS-over-TCP connections, API connections on the
+gateway, forwarded connections into the VM) runs in ``session.nursery``, so
+cancelling the session is the only teardown path.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ MAX_FRAME = 65535
 SEND_BATCH_BYTES = 1 << 20
 
 
-class Port:
+class Session:
     def __init__(self, link, nursery: trio.Nursery, peer: str = "?") -> None:
         self.id = next(_ids)
         self.link = link
@@ -41,8 +42,6 @@ class Port:
         self._queued_bytes = 0
         self._wakeup = trio.lowlevel.ParkingLot()
         self.closed = False
-        # The VM's vm-switch takes partial checksums and 64 KiB TCP segments (wire/offload.py).
-        self.offload = False
 
     def __repr__(self) -> str:
         return f"<session {self.id} {self.peer}>"

@@ -1,8 +1,16 @@
-"""The host-switch: sessions on switch ports, the gateway port, and the frame path.
+"""The host-switch: sessions on switch ports, and the frame path in one direction.
 
-Frames from a VM go through the L2 switch; those for the gateway go to the
-sans-IO :class:`Gateway`, whose replies come back through the switch and
-whose events (TCP/UDP/ICMP flows, DNS) go to the :class:`NetStack` shell.
+A frame from a VM goes::
+
+    session reader -> Switch.route -> Gateway.input -> NatShell.handle (NatCore decides)
+                                                  \\-> replies --------------\\
+    NatCore / FrameBuilder frames -------------------------------------> Egress -> Session.enqueue -> writer
+
+:class:`Egress` is the one way out for every frame the gateway side makes
+(ARP, DHCP and ping replies, NAT segments and datagrams): one capture point,
+then the switch, then the session's queue.  No lower layer holds a reference
+to :class:`HostSwitch`; it is built last, from the parts below it
+(:func:`build`).
 """
 
 from __future__ import annotations
@@ -13,15 +21,18 @@ import logging
 import trio
 
 from ..config import NetConfig
-from ..logs import describe, leaves
 from ..framing import FramingError
+from ..logs import describe, leaves
 from ..services.dhcp import DhcpServer
 from ..stack.counters import Counters
+from ..stack.frames import FrameBuilder
 from ..stack.gateway import Gateway
+from ..stack.nat import NatCore, NatPolicy
 from ..stack.switch import Switch
 from ..wire.errors import MalformedPacket
 from .capture import Capture
-from .session import Port
+from .nat import NatShell
+from .session import Session
 
 log = logging.getLogger("rdswitch.host")
 
@@ -33,123 +44,160 @@ class _GatewayPort:
         return "<gateway>"
 
 
+class Egress:
+    """Frames from the gateway side into the virtual network: capture, switch, session queue."""
+
+    def __init__(self, switch: Switch, gw_port: _GatewayPort, counters: Counters, capture: Capture | None) -> None:
+        self.switch = switch
+        self.gw_port = gw_port
+        self.counters = counters
+        self.capture = capture
+
+    def __call__(self, frames: list[bytes]) -> None:
+        if self.capture is not None:
+            self.capture.write(frames)
+        route = self.switch.route
+        gw = self.gw_port
+        for frame in frames:
+            outs = route(gw, frame, False)
+            if not outs:
+                self.counters.drop("egress-unknown-mac")  # the VM has gone: nobody else gets its frames
+            for out in outs:
+                out.enqueue(frame)
+
+
 class HostSwitch:
-    def __init__(self, net: NetConfig, *, capture: str | None = None, search_domains=(), dns_servers=None) -> None:
+    def __init__(self, net: NetConfig, switch: Switch, gw_port: _GatewayPort, gateway: Gateway, nat: NatShell,
+                 egress: Egress, counters: Counters) -> None:
         self.net = net
-        self.switch = Switch()
-        self.gw_port = _GatewayPort()
-        self.switch.add_port(self.gw_port)
-        self.switch.pin(net.gateway_mac, self.gw_port)  # no VM can steal the gateway's MAC
-        self.counters = Counters()
-        self.dhcp = DhcpServer(net, search_domains=search_domains,
-                               dns_servers=dns_servers if dns_servers is not None else (net.gateway_ip,))
-        self.gateway = Gateway(net, self.dhcp, self.counters)
-        self.stack = None  # set by the process: handles gateway events (NAT, DNS, API)
-        self.capture = Capture(capture) if capture else None
-        self.sessions: dict[int, Port] = {}
+        self.switch = switch
+        self.gw_port = gw_port
+        self.gateway = gateway
+        self.dhcp = gateway.dhcp
+        self.nat = nat
+        self.egress = egress
+        self.counters = counters
+        self.capture = egress.capture
+        self.sessions: dict[int, Session] = {}
+        self.sessions_changed = trio.Event()
 
     # ---- the frame path ------------------------------------------------------------------
-    def from_vm(self, port: Port, frames: list) -> None:
-        """Frames received from ``port``'s VM: switch them (sync, the hot path)."""
+    def from_vm(self, session: Session, frames: list) -> None:
+        """Frames received from ``session``'s VM: switch them (sync, the hot path; one ``now`` per batch)."""
         if self.capture:
             self.capture.write(frames)
-        values = port.counters.values
+        counters = session.counters
+        values = counters.values
         values["frames_in"] += len(frames)
         route = self.switch.route
         gw = self.gw_port
+        gateway_input = self.gateway.input
+        nat_handle = self.nat.handle
+        egress = self.egress
         now = trio.current_time()
         nbytes = 0
         for frame in frames:
             nbytes += len(frame)
             if len(frame) < 14:
-                port.counters.drop("ethernet-truncated")
+                counters.drop("ethernet-truncated")
                 continue
-            for out in route(port, frame):
-                if out is gw:
-                    self._to_gateway(port, frame, now)
-                else:
+            for out in route(session, frame):
+                if out is not gw:
                     out.enqueue(frame)
+                    continue
+                try:
+                    replies, event = gateway_input(frame, now)
+                    if replies:
+                        egress(replies)
+                    if event is not None:
+                        nat_handle(session, event, now)
+                except MalformedPacket as exc:
+                    counters.drop(exc.reason)
+                    log.debug("%r: dropped malformed frame: %s", session, exc)
+                except Exception:  # noqa: BLE001 - a bug in one flow must not end the session
+                    counters.drop("stack-error")
+                    log.exception("%r: error handling a frame", session)
         values["bytes_in"] += nbytes
-        if self.stack is not None and self.stack.dirty:
-            self.stack.flush_dirty()
+        self.nat.flush()
 
-    def _to_gateway(self, port: Port, frame, now: float) -> None:
-        try:
-            replies, event = self.gateway.input(frame, now)
-        except MalformedPacket as exc:
-            port.counters.drop(exc.reason)
-            log.debug("%r: dropped malformed frame: %s", port, exc)
-            return
-        if replies:
-            self.from_gateway(replies)
-        if event is not None and self.stack is not None:
-            try:
-                self.stack.handle(port, event)
-            except Exception:  # noqa: BLE001 - a bug in one flow must not end the session
-                port.counters.drop("stack-error")
-                log.exception("%r: error handling %s", port, type(event).__name__)
-
-    def from_gateway(self, frames: list) -> None:
-        """Frames the gateway (or a NAT flow) sends into the virtual network."""
-        if self.capture:
-            self.capture.write(frames)
-        route = self.switch.route
-        gw = self.gw_port
-        for frame in frames:
-            for out in route(gw, frame):
-                out.enqueue(frame)
-
-    def send_to(self, port: Port, frame: bytes) -> None:
-        """Send a gateway frame straight to a known port (skips the MAC lookup)."""
-        if self.capture:
-            self.capture.write((frame,))
-        port.enqueue(frame)
+    def session_for(self, vm_ip: bytes) -> tuple[Session, bytes] | None:
+        """The session and MAC that hold ``vm_ip``, if any VM has used it."""
+        mac = self.gateway.neighbors.get(vm_ip)
+        if mac is None:
+            return None
+        session = self.switch.lookup(mac)
+        if not isinstance(session, Session) or session.closed:
+            return None
+        return session, mac
 
     # ---- sessions ------------------------------------------------------------------------
     async def run_session(self, link) -> None:
         """Serve one VM connection until it ends; everything it owns ends with it."""
         reason = "connection closed by the VM"
-        port = None
+        session = None
         try:
             async with trio.open_nursery() as nursery:
-                port = Port(link, nursery, getattr(link, "peer", "?"))
-                self.sessions[port.id] = port
-                self.switch.add_port(port)
-                log.info("%r: session started", port)
-                nursery.start_soon(port.writer)
+                session = Session(link, nursery, getattr(link, "peer", "?"))
+                self.sessions[session.id] = session
+                self.switch.add_port(session)
+                self.nat.session_opened(session)
+                self._changed()
+                log.info("%r: session started", session)
+                nursery.start_soon(session.writer)
                 try:
-                    await self._reader(port)
+                    await self._reader(session)
                 finally:
                     nursery.cancel_scope.cancel()
         except Exception as exc:  # noqa: BLE001 - any failure ends this session only
             reason = describe(exc)
             if not all(isinstance(e, EXPECTED_SESSION_ERRORS) for e in leaves(exc)):
-                log.error("%r: session failed unexpectedly", port, exc_info=exc)
+                log.error("%r: session failed unexpectedly", session, exc_info=exc)
         finally:
-            if port is not None:
-                port.close()
-                self.switch.remove_port(port)
-                self.sessions.pop(port.id, None)
-                if self.stack is not None:
-                    self.stack.session_closed(port)
+            if session is not None:
+                session.close()
+                self.switch.remove_port(session)
+                self.sessions.pop(session.id, None)
+                self.nat.session_closed(session)
+                self._changed()
                 if self.capture:
                     self.capture.flush()
                 with trio.CancelScope(shield=True):
                     with trio.move_on_after(1):
                         await link.aclose()
-                log.info("%r: session ended: %s", port, reason)
-                log.info("%r: session stats %s", port, json.dumps(port.counters.as_dict(), sort_keys=True))
+                log.info("%r: session ended: %s", session, reason)
+                log.info("%r: session stats %s", session, json.dumps(session.counters.as_dict(), sort_keys=True))
 
-    async def _reader(self, port: Port) -> None:
-        receive = port.link.receive_batch
+    def _changed(self) -> None:
+        self.sessions_changed.set()
+        self.sessions_changed = trio.Event()
+
+    async def _reader(self, session: Session) -> None:
+        receive = session.link.receive_batch
         while True:
             frames = await receive()
             if not frames:
                 return
-            self.from_vm(port, frames)
+            self.from_vm(session, frames)
 
     def stats(self) -> dict:
         return {
             "gateway": self.counters.as_dict(),
-            "sessions": {str(p.id): {"peer": p.peer, **p.counters.as_dict()} for p in self.sessions.values()},
+            "sessions": {str(s.id): {"peer": s.peer, **s.counters.as_dict()} for s in self.sessions.values()},
         }
+
+
+def build(net: NetConfig, policy: NatPolicy, *, dns=None, capture: str | None = None,
+          search_domains=(), dns_servers=None) -> HostSwitch:
+    """The host-switch from the bottom up: switch and frames, gateway, egress, NAT, then the shell on top."""
+    counters = Counters()
+    switch = Switch()
+    gw_port = _GatewayPort()
+    switch.add_port(gw_port)
+    switch.pin(net.gateway_mac, gw_port)  # no VM can steal the gateway's MAC
+    frames = FrameBuilder(net, counters)
+    dhcp = DhcpServer(net, search_domains=search_domains,
+                      dns_servers=dns_servers if dns_servers is not None else (net.gateway_ip,))
+    gateway = Gateway(net, dhcp, counters, frames)
+    egress = Egress(switch, gw_port, counters, Capture(capture) if capture else None)
+    nat = NatShell(NatCore(policy, frames, egress, dns=dns is not None), dns=dns)
+    return HostSwitch(net, switch, gw_port, gateway, nat, egress, counters)

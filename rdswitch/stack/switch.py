@@ -65,10 +65,13 @@ class Switch:
     def macs(self) -> dict[bytes, Hashable]:
         return dict(self._mac_table)
 
-    def route(self, in_port: Hashable, frame: bytes | memoryview) -> Iterable[Hashable]:
+    def route(self, in_port: Hashable, frame: bytes | memoryview, flood_unknown: bool = True) -> Iterable[Hashable]:
         """Learn ``frame``'s source on ``in_port``; return its egress ports.
 
-        ``frame`` must be at least 14 bytes (callers drop shorter ones).
+        ``frame`` must be at least 14 bytes (callers drop shorter ones).  A
+        unicast frame for an unknown MAC is flooded like a hardware switch
+        does, unless ``flood_unknown`` is false (the gateway's own frames: a
+        reply to a VM that has gone must not reach the other VMs).
         """
         src = bytes(frame[6:12])
         if self._mac_table.get(src) is not in_port:
@@ -78,4 +81,6 @@ class Switch:
             out = self._mac_table.get(dst)
             if out is not None:
                 return () if out is in_port else (out,)
+            if not flood_unknown:
+                return ()
         return [p for p in self._ports if p is not in_port]

@@ -3,7 +3,7 @@
 import ipaddress
 
 from rdswitch.config import NetConfig
-from rdswitch.host.netstack import NatPolicy
+from rdswitch.stack.nat import NatPolicy
 
 NET = NetConfig()
 

@@ -33,7 +33,7 @@ def test_capability_roundtrip_and_gateway_event():
 def test_partial_checksum_completes_to_a_valid_one(payload, seq, ack):
     gw = Gateway(NET)
     seg = tcp.Segment(80, 40000, seq, ack, tcp.ACK | tcp.PSH, 1000, payload)
-    frame = gw.tcp_frame(NET.vm_mac, A, B, seg, partial=True)
+    frame = gw.frames.tcp_frame(NET.vm_mac, A, B, seg, partial=True)
     pkt = ipv4.parse(memoryview(frame)[14:], verify=True)
     seg_bytes = bytearray(pkt.payload)
     # What the VM's kernel (or a NIC) does with NEEDS_CSUM: sum from csum_start, store the complement.
@@ -46,10 +46,10 @@ def test_partial_checksum_completes_to_a_valid_one(payload, seq, ack):
 
 def test_vnet_header_for():
     gw = Gateway(NET)
-    small = gw.tcp_frame(NET.vm_mac, A, B, tcp.Segment(80, 1, 1, 1, tcp.ACK, 10, b"x" * 100), partial=True)
+    small = gw.frames.tcp_frame(NET.vm_mac, A, B, tcp.Segment(80, 1, 1, 1, tcp.ACK, 10, b"x" * 100), partial=True)
     flags, gso, hdr_len, gso_size, start, off = offload.VNET_HDR.unpack(offload.vnet_header_for(small, 1500))
     assert (flags, gso, start, off) == (offload.F_NEEDS_CSUM, offload.GSO_NONE, 34, 16)
-    big = gw.tcp_frame(NET.vm_mac, A, B, tcp.Segment(80, 1, 1, 1, tcp.ACK, 10, b"x" * 60000), partial=True)
+    big = gw.frames.tcp_frame(NET.vm_mac, A, B, tcp.Segment(80, 1, 1, 1, tcp.ACK, 10, b"x" * 60000), partial=True)
     flags, gso, hdr_len, gso_size, start, off = offload.VNET_HDR.unpack(offload.vnet_header_for(big, 1500))
     assert (flags, gso, hdr_len, gso_size, start, off) == (offload.F_NEEDS_CSUM, offload.GSO_TCPV4, 54, 1460, 34, 16)
     dgram = ethernet.build(NET.vm_mac, NET.gateway_mac, ethernet.TYPE_IPV4,

@@ -94,7 +94,7 @@ def test_garbage_raises_malformed_only():
 def test_gateway_frame_builders_checksums():
     gw = Gateway(NET)
     seg = tcp.Segment(80, 40000, 5, 6, tcp.ACK, 100, b"x" * 1001)
-    frame = gw.tcp_frame(VM_MAC, GW_IP, VM_IP, seg)
+    frame = gw.frames.tcp_frame(VM_MAC, GW_IP, VM_IP, seg)
     pkt = ipv4.parse(memoryview(frame)[14:], verify=True)
     back = tcp.parse(pkt.payload, pkt.src, pkt.dst, verify=True)
     assert bytes(back.payload) == b"x" * 1001
@@ -146,7 +146,7 @@ def test_neighbors_only_learn_subnet_addresses():
 def test_big_udp_is_fragmented_to_the_mtu():
     gw = Gateway(NetConfig(mtu=1500))
     payload = bytes(range(256)) * 100  # 25600 bytes
-    frames = gw.udp_frames(VM_MAC, GW_IP, 53, VM_IP, 5000, payload)
+    frames = gw.frames.udp_frames(VM_MAC, GW_IP, 53, VM_IP, 5000, payload)
     assert len(frames) > 1 and all(len(f) <= 1514 for f in frames)
     # reassemble by offset and check the UDP datagram
     parts = {}
@@ -157,7 +157,7 @@ def test_big_udp_is_fragmented_to_the_mtu():
     whole = b"".join(parts[k] for k in sorted(parts))
     sport, dport, data = udp.parse(whole, GW_IP, VM_IP, verify=True)
     assert (sport, dport, bytes(data)) == (53, 5000, payload)
-    assert gw.udp_frames(VM_MAC, GW_IP, 53, VM_IP, 5000, b"x" * 70000) is None
+    assert gw.frames.udp_frames(VM_MAC, GW_IP, 53, VM_IP, 5000, b"x" * 70000) is None
     assert gw.counters.drops["udp-too-large"] == 1
 
 
@@ -170,7 +170,7 @@ from hypothesis import given, strategies as st  # noqa: E402
 def test_tcp_frame_fast_path_matches_reference(seq, ack, flags, window, sport, dport, payload, src, dst):
     gw = Gateway(NET)
     seg = tcp.Segment(sport, dport, seq, ack, flags, window, payload)
-    frame = gw.tcp_frame(VM_MAC, src, dst, seg)
+    frame = gw.frames.tcp_frame(VM_MAC, src, dst, seg)
     pkt = ipv4.parse(memoryview(frame)[14:], verify=True)
     assert (pkt.src, pkt.dst, pkt.proto, pkt.ttl) == (src, dst, 6, 64) and not pkt.is_fragment
     back = tcp.parse(pkt.payload, src, dst, verify=True)
