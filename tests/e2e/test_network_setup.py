@@ -26,7 +26,7 @@ class NetworkSetup:
         self.ns = nsutil.unique_name("rdns")
         self.veth_host = nsutil.unique_name("vh")
         self.veth_ns = nsutil.unique_name("vn")
-        # veth addresses of our own (the SPEC defaults 192.168.1.1/.2 are unit-tested): a host whose
+        # veth addresses of our own (the contract's defaults 192.168.1.1/.2 are unit-tested): a host whose
         # LAN is 192.168.1.0/24 must not get a competing route from a test
         self.prefix = nsutil.unique_prefix()
         self.hs_url = f"unix://{hs_sock or os.path.join(tmp, 'hs.sock')}"
