@@ -21,7 +21,8 @@ from typing import Iterable
 
 import trio
 
-from rdswitch.services.dns import ResolvConf, is_truncated, parse_resolv_conf, rcode_of
+from rdswitch.services.dns.message import is_truncated, rcode_of
+from rdswitch.services.dns.resolvconf import ResolvConf, parse_resolv_conf
 
 log = logging.getLogger(__name__)
 

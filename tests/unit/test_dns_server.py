@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from rdswitch.config import ConfigError, NetConfig
 from rdswitch.host import dns_server
 from rdswitch.host.dns_upstream import Upstreams, UpstreamError, forward
-from rdswitch.services import dns
+from rdswitch.services.dns.authority import DnsAuthority
+from rdswitch.services.dns.zones import builtin_zones
 
 NET = NetConfig()
 BIG_TXT = [("x%03d-" % i) + "y" * 90 for i in range(32)]  # ~3100 bytes of TXT
@@ -121,7 +122,7 @@ def query(name, qtype="A", edns=None, qid=4321):
 
 
 def service(upstreams, **kw):
-    return dns_server.DnsService(dns.DnsAuthority(dns.builtin_zones(NET), 60), upstreams, **kw)
+    return dns_server.DnsService(DnsAuthority(builtin_zones(NET), 60), upstreams, **kw)
 
 
 def closed_udp_port():
@@ -538,7 +539,7 @@ def test_truncated_answer_kept_when_upstream_has_no_tcp():
 
 def test_tcp_client_that_never_reads_is_dropped():
     async def main():
-        svc = dns_server.DnsService(dns.DnsAuthority(dns.builtin_zones(NET)), Upstreams([]), tcp_idle_timeout=0.5,
+        svc = dns_server.DnsService(DnsAuthority(builtin_zones(NET)), Upstreams([]), tcp_idle_timeout=0.5,
                                      tcp_max_inflight=2)
         client, server = trio.testing.lockstep_stream_pair()  # no buffering: replies block until read
         msg = query("host.rancher-desktop.internal")
