@@ -331,3 +331,10 @@ def test_parse_resolv_conf_never_crashes(text):
     for ip, port in conf.nameservers:
         ipaddress.ip_address(ip)
         assert 0 < port < 65536
+
+
+def test_parse_server_port_errors_name_the_server_and_the_port():
+    with pytest.raises(ConfigError, match=r"invalid DNS server '1\.2\.3\.4:x': invalid port 'x': not a number"):
+        parse_server("1.2.3.4:x")
+    with pytest.raises(ConfigError, match=r"invalid DNS server '\[::1\]:0': invalid port '0': must be 1\.\.65535"):
+        parse_server("[::1]:0")

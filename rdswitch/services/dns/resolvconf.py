@@ -6,7 +6,7 @@ import ipaddress
 
 import attrs
 
-from rdswitch.config import ConfigError
+from rdswitch.config import ConfigError, parse_port
 
 
 @attrs.frozen
@@ -42,13 +42,11 @@ def parse_server(text: str, default_port: int = 53) -> tuple[str, int]:
 
 
 def _port(p: str, text: str) -> int:
+    """``parse_port``, with the whole server spec in the message: "invalid DNS server '1.2.3.4:x': invalid port 'x': ..."."""
     try:
-        port = int(p)
-    except ValueError:
-        raise ConfigError(f"invalid DNS server {text!r}: port {p!r} is not a number") from None
-    if not 0 < port < 65536:
-        raise ConfigError(f"invalid DNS server {text!r}: port must be 1..65535")
-    return port
+        return parse_port(p)
+    except ConfigError as exc:
+        raise ConfigError(f"invalid DNS server {text!r}: {exc}") from None
 
 
 def parse_resolv_conf(text: str) -> ResolvConf:
