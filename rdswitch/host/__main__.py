@@ -109,8 +109,9 @@ async def handshake(hs: HostSwitch, candidates: list[str]) -> None:
 
 async def amain(args: argparse.Namespace) -> int:
     dns = dns_server.from_args(args, args.net)
-    hs = HostSwitch(args.net, capture=args.capture, search_domains=dns.search_domains)
+    hs = HostSwitch(args.net, capture=args.capture, search_domains=dns.search_domains())
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(dns.keep_search_domains, hs.dhcp.set_search_domains)
         hs.stack = NetStack(hs, args.nat_policy, dns=dns)
         await nursery.start(hs.stack.run)
         forwarder = Forwarder(hs.stack)

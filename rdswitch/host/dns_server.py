@@ -216,11 +216,43 @@ class DnsService:
 
     # -- management (for the HTTP API and DHCP) ------------------------------------
 
-    def search_domains(self) -> list[str]:
-        """Search domains for DHCP option 119: ``--dns-search`` or the resolv.conf search line (no trailing dots)."""
+    def search_domains(self, *, refresh: bool = False) -> list[str]:
+        """Search domains for DHCP option 119: ``--dns-search`` or the resolv.conf search line (no trailing dots).
+
+        ``refresh`` checks the resolv.conf now rather than at most every ``recheck_interval``.
+        """
         if self._search is not None:
             return list(self._search)
+        if refresh:
+            self.upstreams.reload()
         return self.upstreams.search()
+
+    async def keep_search_domains(
+        self,
+        apply: Callable[[list[str]], None],
+        interval: float = 1.0,
+        *,
+        task_status=trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Keep DHCP's search domains in step with the host, off the frame path.
+
+        Calls ``apply(domains)`` at once, then again whenever the resolv.conf's
+        search line changes (checked every ``interval`` seconds); e.g.
+        ``nursery.start_soon(dns.keep_search_domains, dhcp.set_search_domains)``.
+        With ``--dns-search`` or no resolv.conf nothing can change: one call,
+        and the task returns.
+        """
+        current = self.search_domains(refresh=True)
+        apply(list(current))
+        task_status.started()
+        if self._search is not None or self.upstreams.path is None:
+            return
+        while True:
+            await trio.sleep(interval)
+            domains = self.search_domains(refresh=True)
+            if domains != current:
+                current = domains
+                apply(list(domains))
 
     def all_zones(self) -> list[dict]:
         """Every local zone as ``{"name", "records": {name: ip}, "regexp": [[pattern, ip]], "default_ip"}``."""

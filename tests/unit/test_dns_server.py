@@ -255,38 +255,92 @@ def test_next_server_on_timeout_and_on_servfail():
 
 def test_resolv_conf_change_is_followed_without_restart(tmp_path):
     path = tmp_path / "resolv.conf"
+    now = [0.0]  # Upstreams' clock: only the re-check rate limit reads it
 
     async def main():
         async with trio.open_nursery() as nursery:
             a = await nursery.start(FakeUpstream({"switch.example": "10.0.0.1"}).run)
             b = await nursery.start(FakeUpstream({"switch.example": "10.0.0.2"}).run)
             path.write_text(f"search first.example\nnameserver 127.0.0.1:{a.port}\n")
-            svc = service(Upstreams(resolv_conf=path))
-            r = DNSRecord.parse(await svc.handle_udp(query("switch.example"), None))
-            assert str(r.rr[0].rdata) == "10.0.0.1"
+            upstreams = Upstreams(resolv_conf=path, recheck_interval=0.25, clock=lambda: now[0])
+            svc = service(upstreams)
+
+            async def answer():
+                r = DNSRecord.parse(await svc.handle_udp(query("switch.example"), None))
+                return str(r.rr[0].rdata)
+
+            assert await answer() == "10.0.0.1"
             assert svc.search_domains() == ["first.example"]
             # a VPN rewrites the file (same length, so only mtime/inode tell)
             tmp = tmp_path / "resolv.new"
             tmp.write_text(f"search second.example\nnameserver 127.0.0.1:{b.port}\n")
             os.replace(tmp, path)
-            t0 = time.monotonic()
-            seen = None
-            for _ in range(30):  # bounded: at most ~1.5 s
-                r = DNSRecord.parse(await svc.handle_udp(query("switch.example"), None))
-                seen = str(r.rr[0].rdata)
-                if seen == "10.0.0.2":
-                    break
-                await trio.sleep(0.05)
-            assert seen == "10.0.0.2" and time.monotonic() - t0 < 1.0
+            now[0] += 0.1  # within recheck_interval of the last check: not even stat'ed
+            assert await answer() == "10.0.0.1"
+            now[0] += 0.15  # recheck_interval since the last check: the next query sees the new file
+            assert await answer() == "10.0.0.2"
             assert svc.search_domains() == ["second.example"]
             # the file vanishing keeps the last known servers
             path.unlink()
-            await trio.sleep(0.3)
-            r = DNSRecord.parse(await svc.handle_udp(query("switch.example"), None))
-            assert str(r.rr[0].rdata) == "10.0.0.2"
+            now[0] += 1.0
+            assert await answer() == "10.0.0.2"
+            assert svc.search_domains() == ["second.example"]
             nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+def _rewrite(path, text):
+    tmp = path.with_suffix(".new")
+    tmp.write_text(text)
+    os.replace(tmp, path)  # a new inode, as a VPN client or resolvconf(8) does it
+
+
+def test_keep_search_domains_applies_each_change_of_the_resolv_conf(tmp_path):
+    path = tmp_path / "resolv.conf"
+    path.write_text("search first.example\nnameserver 127.0.0.1\n")
+    svc = service(Upstreams(resolv_conf=path))
+    clock = trio.testing.MockClock(autojump_threshold=0)
+
+    async def main():
+        send, applied = trio.open_memory_channel(100)
+
+        async def quiet_for(seconds):
+            with trio.move_on_after(seconds):
+                got = await applied.receive()
+                pytest.fail(f"apply({got}) without a change of the search line")
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(svc.keep_search_domains, send.send_nowait, 1.0)
+            assert applied.receive_nowait() == ["first.example"]  # at once, before started()
+            await quiet_for(10)  # unchanged file: no calls
+            _rewrite(path, "search second.example other.example\nnameserver 127.0.0.1\n")
+            with trio.fail_after(1.5):  # by the next check, at most one interval away (virtual time)
+                assert await applied.receive() == ["second.example", "other.example"]
+            _rewrite(path, "search second.example other.example\nnameserver 127.0.0.9\n")
+            await quiet_for(10)  # only the servers changed: nothing for DHCP
+            path.unlink()
+            await quiet_for(10)  # a vanished file keeps the last known list
+            path.write_text("nameserver 127.0.0.1\n")
+            with trio.fail_after(1.5):
+                assert await applied.receive() == []  # no search line any more: option 119 goes away
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=clock)
+
+
+def test_keep_search_domains_with_fixed_domains_applies_once_and_returns(tmp_path):
+    path = tmp_path / "resolv.conf"
+    path.write_text("search from-file.example\nnameserver 127.0.0.1\n")
+    svc = service(Upstreams(resolv_conf=path), search=["fixed.example"])
+    calls = []
+
+    async def main():
+        with trio.fail_after(1):  # virtual: returns without ever sleeping
+            await svc.keep_search_domains(calls.append, 1.0)
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert calls == [["fixed.example"]]
 
 
 # -- TCP ---------------------------------------------------------------------------
