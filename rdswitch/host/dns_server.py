@@ -251,6 +251,7 @@ class DnsService:
             await trio.sleep(interval)
             domains = self.search_domains(refresh=True)
             if domains != current:
+                log.info("DHCP search domains now %s (from %s)", domains, self.upstreams.path)
                 current = domains
                 apply(list(domains))
 
