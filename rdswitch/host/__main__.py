@@ -105,8 +105,9 @@ async def handshake(hs: HostSwitch, candidates: list[str]) -> None:
 async def amain(args: argparse.Namespace) -> int:
     dns = dns_server.from_args(args, args.net)
     hs = switch_host.build(args.net, args.nat_policy, dns=dns, capture=args.capture,
-                           search_domains=dns.search_domains)
+                           search_domains=dns.search_domains())
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(dns.keep_search_domains, hs.dhcp.set_search_domains)
         forwarder = Forwarder(hs)
         await nursery.start(forwarder.run)
         api = ApiServer(create_app(hs, forwarder, dns))

@@ -1,4 +1,4 @@
-"""The gateway's DNS server (trio shell around ``rdswitch.services.dns``).
+"""The gateway's DNS server (trio shell around the ``rdswitch.services.dns`` modules).
 
 ``DnsService`` answers one DNS message at a time from whatever transport the
 gateway hands it: ``handle_udp`` for a datagram, ``serve_stream`` for a
@@ -20,7 +20,12 @@ import trio
 
 from rdswitch.config import ConfigError, NetConfig
 from rdswitch.host.dns_upstream import Upstreams, UpstreamError, forward
-from rdswitch.services import dns as core
+from rdswitch.services.dns import message
+from rdswitch.services.dns.authority import DEFAULT_TTL, DnsAuthority
+from rdswitch.services.dns.resolvconf import parse_server
+from rdswitch.services.dns.zones import (
+    add_record, builtin_zones, merge_zones, normalize_zone_name, parse_record_flag, parse_zone_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +38,7 @@ STAT_KEYS = (
 class DnsService:
     def __init__(
         self,
-        authority: core.DnsAuthority,
+        authority: DnsAuthority,
         upstreams: Upstreams,
         *,
         search: list[str] | None = None,
@@ -73,19 +78,19 @@ class DnsService:
         except Exception:  # a bug of ours must not take the server down
             log.exception("DNS: internal error answering a %d-byte query", len(data))
             self.stats["servfail"] += 1
-            return core.servfail(data), query
+            return message.servfail(data), query
 
     async def _handle(self, data: bytes, query: dnslib.DNSRecord | None) -> bytes | None:
-        if query is None or (not query.header.qr and query.header.opcode == 0 and len(query.questions) != 1):
-            reply = core.formerr(data)
+        if query is None or (not query.header.qr and query.header.opcode == message.OPCODE_QUERY and len(query.questions) != 1):
+            reply = message.formerr(data)
             self.stats["formerr" if reply else "dropped"] += 1
             return reply
         if query.header.qr:
             self.stats["dropped"] += 1
             return None
-        if query.header.opcode != 0:
+        if query.header.opcode != message.OPCODE_QUERY:
             self.stats["notimp"] += 1
-            return core.notimp(data)
+            return message.notimp(data)
         local = self.authority.answer(query)
         if local is not None:
             self.stats["local"] += 1
@@ -100,7 +105,7 @@ class DnsService:
         except UpstreamError as exc:
             log.warning("DNS: %s -> SERVFAIL for %s", exc, query.q.qname)
             self.stats["servfail"] += 1
-            return core.servfail(data)
+            return message.servfail(data)
 
     async def handle_udp(self, data: bytes, client_addr: Any = None) -> bytes | None:
         """The UDP reply to a datagram (truncated with TC to the client's EDNS0 size), or None."""
@@ -108,10 +113,10 @@ class DnsService:
         reply, query = await self._answer(data)
         if reply is None:
             return None
-        limit = core.udp_payload_limit(query)
+        limit = message.udp_payload_limit(query)
         if len(reply) > limit:
             self.stats["truncated"] += 1
-            reply = core.truncate_for_udp(reply, limit)
+            reply = message.truncate_for_udp(reply, limit)
         return reply
 
     # -- transports -----------------------------------------------------------------
@@ -211,11 +216,44 @@ class DnsService:
 
     # -- management (for the HTTP API and DHCP) ------------------------------------
 
-    def search_domains(self) -> list[str]:
-        """Search domains for DHCP option 119: ``--dns-search`` or the resolv.conf search line (no trailing dots)."""
+    def search_domains(self, *, refresh: bool = False) -> list[str]:
+        """Search domains for DHCP option 119: ``--dns-search`` or the resolv.conf search line (no trailing dots).
+
+        ``refresh`` checks the resolv.conf now rather than at most every ``recheck_interval``.
+        """
         if self._search is not None:
             return list(self._search)
+        if refresh:
+            self.upstreams.reload()
         return self.upstreams.search()
+
+    async def keep_search_domains(
+        self,
+        apply: Callable[[list[str]], None],
+        interval: float = 1.0,
+        *,
+        task_status=trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Keep DHCP's search domains in step with the host, off the frame path.
+
+        Calls ``apply(domains)`` at once, then again whenever the resolv.conf's
+        search line changes (checked every ``interval`` seconds); e.g.
+        ``nursery.start_soon(dns.keep_search_domains, dhcp.set_search_domains)``.
+        With ``--dns-search`` or no resolv.conf nothing can change: one call,
+        and the task returns.
+        """
+        current = self.search_domains(refresh=True)
+        apply(list(current))
+        task_status.started()
+        if self._search is not None or self.upstreams.path is None:
+            return
+        while True:
+            await trio.sleep(interval)
+            domains = self.search_domains(refresh=True)
+            if domains != current:
+                log.info("DHCP search domains now %s (from %s)", domains, self.upstreams.path)
+                current = domains
+                apply(list(domains))
 
     def all_zones(self) -> list[dict]:
         """Every local zone as ``{"name", "records": {name: ip}, "regexp": [[pattern, ip]], "default_ip"}``."""
@@ -235,7 +273,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="upstream DNS server (repeatable); default: the nameservers of --dns-resolv-conf")
     g.add_argument("--dns-resolv-conf", default="/etc/resolv.conf", metavar="PATH",
                    help="resolver file to forward to, re-read when it changes (default: %(default)s)")
-    g.add_argument("--dns-ttl", type=int, default=core.DEFAULT_TTL, metavar="SECONDS",
+    g.add_argument("--dns-ttl", type=int, default=DEFAULT_TTL, metavar="SECONDS",
                    help="TTL of the local records (default: %(default)s)")
     g.add_argument("--dns-zone-file", metavar="PATH",
                    help='JSON {"zones": [{"name", "records": {label: ip}, "regexp": [[pattern, ip]], "default_ip"}]}')
@@ -247,23 +285,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def from_args(args: argparse.Namespace, net: NetConfig) -> DnsService:
     """Build the service from parsed flags; ConfigError with a clear message for bad values."""
-    zones = core.builtin_zones(net)
+    zones = builtin_zones(net)
     if args.dns_zone_file:
         try:
             with open(args.dns_zone_file, encoding="utf-8") as f:
                 text = f.read(1 << 22)
         except OSError as exc:
             raise ConfigError(f"cannot read --dns-zone-file {args.dns_zone_file!r}: {exc.strerror or exc}") from None
-        zones = core.merge_zones(zones, core.parse_zone_config(text))
+        zones = merge_zones(zones, parse_zone_config(text))
     for flag in args.dns_record:
-        name, ip = core.parse_record_flag(flag)
-        core.add_record(zones, name, ip)
-    authority = core.DnsAuthority(zones, args.dns_ttl)
+        name, ip = parse_record_flag(flag)
+        add_record(zones, name, ip)
+    authority = DnsAuthority(zones, args.dns_ttl)
     if args.dns_upstream:
-        upstreams = Upstreams([core.parse_server(s) for s in args.dns_upstream], resolv_conf=args.dns_resolv_conf)
+        upstreams = Upstreams([parse_server(s) for s in args.dns_upstream], resolv_conf=args.dns_resolv_conf)
     else:
         upstreams = Upstreams(resolv_conf=args.dns_resolv_conf)
     search = []
     for d in args.dns_search:
-        search.append(core.normalize_zone_name(d).rstrip("."))
+        search.append(normalize_zone_name(d).rstrip("."))
     return DnsService(authority, upstreams, search=search or None)

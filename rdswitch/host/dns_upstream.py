@@ -21,7 +21,8 @@ from typing import Iterable
 
 import trio
 
-from rdswitch.services.dns import ResolvConf, is_truncated, parse_resolv_conf, rcode_of
+from rdswitch.services.dns.message import is_truncated, rcode_of
+from rdswitch.services.dns.resolvconf import ResolvConf, parse_resolv_conf
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,16 @@ class Upstreams:
     def fixed(self) -> bool:
         return self._fixed is not None
 
-    def _reload(self, force: bool = False) -> None:
+    def reload(self) -> None:
+        """Check the resolv.conf now, whenever it was last checked; re-read it if it changed.
+
+        For a task that follows the file on its own schedule; a missing file is
+        only logged when it disappears, not on every check.
+        """
+        if self.path is not None:
+            self._reload(force=True, quiet=True)
+
+    def _reload(self, force: bool = False, *, quiet: bool = False) -> None:
         now = self._clock()
         if not force and now - self._last_check < self.recheck_interval:
             return
@@ -79,7 +89,7 @@ class Upstreams:
             with open(self.path, encoding="utf-8", errors="replace") as f:
                 text = f.read(1 << 20)
         except OSError as exc:
-            if self._stamp is not None or force:
+            if self._stamp is not None or (force and not quiet):
                 log.warning("cannot read %s (%s); keeping the last known DNS servers %s", self.path, exc, list(self._conf.nameservers))
             self._stamp = None
             return

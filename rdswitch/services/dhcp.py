@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from ipaddress import IPv4Address
-from typing import Callable, Iterable
+from typing import Iterable
 
 import attrs
 
@@ -65,21 +65,23 @@ class DhcpServer:
         static_leases: dict[bytes, IPv4Address] | None = None,
         lease_time: int = 3600,
         dns_servers: Iterable[IPv4Address] | None = None,
-        search_domains: Callable[[], list[str]] | list[str] | tuple[str, ...] = (),
+        search_domains: Iterable[str] = (),
         pool: range | None = None,
         offer_hold: float = 60.0,
         decline_hold: float = 600.0,
     ):
         """``pool`` overrides ``net.dhcp_pool`` (host numbers); ``offer_hold`` is
         how long an offered address stays reserved; ``decline_hold`` how long a
-        DECLINEd address is kept out of the pool."""
+        DECLINEd address is kept out of the pool.  ``search_domains`` (option
+        119) is data: the host process replaces it with :meth:`set_search_domains`
+        when the host's resolver config changes, never from the frame path."""
         if not 60 <= lease_time < wire.INFINITE_LEASE:
             raise ConfigError(f"invalid DHCP lease time {lease_time}: must be 60 .. {wire.INFINITE_LEASE - 1} seconds")
         self.net = net
         self.server_id = net.gateway_ip
         self.lease_time = int(lease_time)
         self.dns_servers = tuple(IPv4Address(a) for a in (dns_servers if dns_servers is not None else (net.gateway_ip,)))
-        self._search_domains = search_domains
+        self.set_search_domains(search_domains)
         self.offer_hold = offer_hold
         self.decline_hold = decline_hold
 
@@ -127,20 +129,25 @@ class DhcpServer:
         return {str(ip): format_mac(mac) for ip, mac in sorted(items)}
 
     def search_domains(self) -> list[str]:
-        src = self._search_domains
-        if callable(src):
-            try:
-                src = src()
-            except Exception as exc:  # the host's resolver config is not our business to crash on
-                log.warning("dhcp: search domain provider failed: %s", exc)
-                return []
+        """The search domains announced in option 119 (the encodable ones)."""
+        return list(self._search_domains)
+
+    def set_search_domains(self, domains: Iterable[str]) -> None:
+        """Announce ``domains`` in option 119 from now on (none: no option 119).
+
+        Names that cannot be encoded are skipped with a warning.  Replies that
+        follow use the new list; clients see it when they next renew.
+        """
+        if isinstance(domains, (str, bytes)) or callable(domains):
+            raise TypeError(f"search domains must be a sequence of names, not {type(domains).__name__}")
         out = []
-        for name in src or ():
+        for name in domains:
             if wire.is_valid_domain(name):
                 out.append(name)
             else:
                 log.warning("dhcp: skipping unencodable search domain %r", name)
-        return out
+        self._search_domains = tuple(out)
+        self._search_option = wire.encode_domain_search(out) if out else None
 
     def handle(self, payload: bytes, now: float) -> DhcpReply | None:
         self._now = now
@@ -314,28 +321,15 @@ class DhcpServer:
         if self.dns_servers:
             opts[wire.OPT_DNS] = wire.encode_ips(self.dns_servers)
         opts[wire.OPT_MTU] = wire.encode_u16(self.net.mtu)
-        domains = self.search_domains()
-        if domains:
-            opts[wire.OPT_DOMAIN_SEARCH] = wire.encode_domain_search(domains)
+        if self._search_option is not None:
+            opts[wire.OPT_DOMAIN_SEARCH] = self._search_option
         return opts
 
     def _reply(self, req: wire.DhcpMessage, mtype: int, *, yiaddr: IPv4Address, lease: bool) -> DhcpReply:
         opts = self._options(mtype, lease)
         if req.client_id is not None:
             opts[wire.OPT_CLIENT_ID] = req.client_id  # RFC 6842
-        ciaddr = req.ciaddr if mtype == wire.ACK else _ZERO
-        msg = wire.DhcpMessage(
-            op=wire.BOOTREPLY,
-            htype=req.htype,
-            hlen=req.hlen,
-            xid=req.xid,
-            flags=req.flags,
-            ciaddr=ciaddr,
-            yiaddr=yiaddr,
-            giaddr=req.giaddr,
-            chaddr=req.chaddr,
-            options=opts,
-        )
+        msg = _reply_to(req, opts, ciaddr=req.ciaddr if mtype == wire.ACK else _ZERO, yiaddr=yiaddr)
         # RFC 2131 4.1 (giaddr is always zero here)
         if req.ciaddr != _ZERO:
             dst_ip, dst_mac, bcast = req.ciaddr, req.chaddr, False
@@ -347,18 +341,26 @@ class DhcpServer:
 
     def _nak(self, req: wire.DhcpMessage, why: str) -> DhcpReply:
         log.info("dhcp: NAK to %s: %s", format_mac(req.chaddr), why)
-        msg = wire.DhcpMessage(
-            op=wire.BOOTREPLY,
-            htype=req.htype,
-            hlen=req.hlen,
-            xid=req.xid,
-            flags=req.flags,
-            giaddr=req.giaddr,
-            chaddr=req.chaddr,
-            options={
-                wire.OPT_MESSAGE_TYPE: bytes([wire.NAK]),
-                wire.OPT_SERVER_ID: wire.encode_ip(self.server_id),
-                wire.OPT_MESSAGE: why.encode("utf-8"),
-            },
-        )
+        msg = _reply_to(req, {
+            wire.OPT_MESSAGE_TYPE: bytes([wire.NAK]),
+            wire.OPT_SERVER_ID: wire.encode_ip(self.server_id),
+            wire.OPT_MESSAGE: why.encode("utf-8"),
+        })
         return DhcpReply(wire.build(msg), BROADCAST_IP, BROADCAST_MAC, True, wire.NAK)
+
+
+def _reply_to(req: wire.DhcpMessage, options: dict[int, bytes], *,
+              ciaddr: IPv4Address = _ZERO, yiaddr: IPv4Address = _ZERO) -> wire.DhcpMessage:
+    """A BOOTREPLY to ``req``: its transaction, hardware address, flags and relay field."""
+    return wire.DhcpMessage(
+        op=wire.BOOTREPLY,
+        htype=req.htype,
+        hlen=req.hlen,
+        xid=req.xid,
+        flags=req.flags,
+        ciaddr=ciaddr,
+        yiaddr=yiaddr,
+        giaddr=req.giaddr,
+        chaddr=req.chaddr,
+        options=options,
+    )

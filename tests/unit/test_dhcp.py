@@ -112,24 +112,35 @@ def test_client_messages_are_what_a_server_expects():
     assert client.take_outgoing() == []
 
 
-def test_callable_search_domains_and_empty_list_omits_option_119():
-    domains = ["a.test"]
-    server = DhcpServer(NetConfig(), search_domains=lambda: list(domains))
+def test_set_search_domains_replaces_them_and_empty_list_omits_option_119():
+    server = DhcpServer(NetConfig(), search_domains=("a.test",))
     _, [ev] = dora(server, VM_MAC)
     assert ev.lease.search_domains == ("a.test",)
-    domains.clear()
+    server.set_search_domains(["b.test", "c.test"])
     reply = server.handle(raw_msg(wire.DISCOVER), 1.0)
+    assert wire.parse(reply.payload).search_domains == ("b.test", "c.test")
+    assert server.search_domains() == ["b.test", "c.test"]
+    server.set_search_domains([])
+    reply = server.handle(raw_msg(wire.DISCOVER), 2.0)
     assert wire.OPT_DOMAIN_SEARCH not in wire.parse(reply.payload).options
 
 
-def test_search_domain_provider_failure_and_bad_names_do_not_break_dhcp():
-    def boom():
-        raise OSError("resolv.conf vanished")
+def test_search_domains_are_data_not_a_callable_or_a_string():
+    # A provider called per reply would put the host's resolver config on the frame path.
+    with pytest.raises(TypeError, match="sequence of names"):
+        DhcpServer(NetConfig(), search_domains=lambda: ["a.test"])
+    with pytest.raises(TypeError, match="sequence of names"):
+        DhcpServer(NetConfig()).set_search_domains("corp.test")
 
-    reply = DhcpServer(NetConfig(), search_domains=boom).handle(raw_msg(wire.DISCOVER), 0)
+
+def test_bad_search_domain_names_do_not_break_dhcp():
+    server = DhcpServer(NetConfig(), search_domains=["bad..name", "x" * 64 + ".com", "ok.test"])
+    reply = server.handle(raw_msg(wire.DISCOVER), 0)
     assert wire.parse(reply.payload).yiaddr == IP("192.168.127.2")
-    reply = DhcpServer(NetConfig(), search_domains=["bad..name", "x" * 64 + ".com", "ok.test"]).handle(raw_msg(wire.DISCOVER), 0)
     assert wire.parse(reply.payload).search_domains == ("ok.test",)
+    server.set_search_domains(["bad..name"])
+    reply = server.handle(raw_msg(wire.DISCOVER), 1.0)
+    assert wire.OPT_DOMAIN_SEARCH not in wire.parse(reply.payload).options
 
 
 def test_second_mac_gets_pool_address_and_same_mac_gets_it_back():

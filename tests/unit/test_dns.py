@@ -9,13 +9,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rdswitch.config import ConfigError, NetConfig
-from rdswitch.services import dns
+from rdswitch.services.dns.authority import DnsAuthority
+from rdswitch.services.dns.message import OUR_UDP_PAYLOAD, formerr, is_truncated, notimp, servfail, truncate_for_udp, udp_payload_limit
+from rdswitch.services.dns.resolvconf import ResolvConf, parse_resolv_conf, parse_server
+from rdswitch.services.dns.zones import Zone, add_record, builtin_zones, merge_zones, parse_record_flag, parse_zone_config
 
 NET = NetConfig()
 
 
 def authority(ttl=60, zones=None):
-    return dns.DnsAuthority(zones if zones is not None else dns.builtin_zones(NET), ttl)
+    return DnsAuthority(zones if zones is not None else builtin_zones(NET), ttl)
 
 
 def ask(auth, name, qtype="A", edns=None):
@@ -48,7 +51,7 @@ def test_builtin_a_records(zone):
 
 
 def test_builtin_zones_follow_subnet():
-    a = authority(zones=dns.builtin_zones(NetConfig(subnet="10.9.0.0/16")))
+    a = authority(zones=builtin_zones(NetConfig(subnet="10.9.0.0/16")))
     assert answers(ask(a, "gateway.docker.internal"), QTYPE.A) == ["10.9.0.1"]
     assert answers(ask(a, "host.docker.internal"), QTYPE.A) == ["10.9.0.254"]
 
@@ -120,13 +123,13 @@ def test_non_query_opcode_or_response_is_not_answered():
 
 def test_edns_echoed_last():
     r = ask(authority(), "host.docker.internal", edns=4096)
-    assert r.ar[-1].rtype == QTYPE.OPT and r.ar[-1].rclass == dns.OUR_UDP_PAYLOAD
+    assert r.ar[-1].rtype == QTYPE.OPT and r.ar[-1].rclass == OUR_UDP_PAYLOAD
     r = ask(authority(), "host.docker.internal")
     assert r.ar == []
 
 
 def test_regexp_default_and_empty_non_terminal():
-    zone = dns.Zone(
+    zone = Zone(
         "example.test.",
         records={"a.b": "10.0.0.1", "@": "10.0.0.9"},
         regexp_records=[["web-[0-9]+", "10.0.0.2"]],
@@ -146,7 +149,7 @@ def test_regexp_default_and_empty_non_terminal():
 
 
 def test_longest_zone_wins():
-    zones = dns.builtin_zones(NET) + [dns.Zone("sub.docker.internal", {"host": "10.0.0.7"})]
+    zones = builtin_zones(NET) + [Zone("sub.docker.internal", {"host": "10.0.0.7"})]
     a = authority(zones=zones)
     assert answers(ask(a, "host.sub.docker.internal"), QTYPE.A) == ["10.0.0.7"]
     assert ask(a, "nope.sub.docker.internal").auth[0].rname == "sub.docker.internal."
@@ -154,7 +157,7 @@ def test_longest_zone_wins():
 
 def test_ttl_validation():
     with pytest.raises(ConfigError, match="TTL"):
-        dns.DnsAuthority([], 0)
+        DnsAuthority([], 0)
     assert ask(authority(ttl=3600), "host.docker.internal").rr[0].ttl == 3600
 
 
@@ -162,11 +165,11 @@ def test_ttl_validation():
 
 
 def test_record_flag_into_existing_and_new_zone():
-    zones = dns.builtin_zones(NET)
-    name, ip = dns.parse_record_flag("Foo.Rancher-Desktop.Internal=10.0.0.5")
-    z = dns.add_record(zones, name, ip)
+    zones = builtin_zones(NET)
+    name, ip = parse_record_flag("Foo.Rancher-Desktop.Internal=10.0.0.5")
+    z = add_record(zones, name, ip)
     assert z.name == "rancher-desktop.internal." and z.records["foo"] == ipaddress.IPv4Address("10.0.0.5")
-    z = dns.add_record(zones, "db.corp.test", "10.0.0.6")
+    z = add_record(zones, "db.corp.test", "10.0.0.6")
     assert z.name == "corp.test." and z.records == {"db": ipaddress.IPv4Address("10.0.0.6")}
     a = authority(zones=zones)
     assert answers(ask(a, "foo.rancher-desktop.internal"), QTYPE.A) == ["10.0.0.5"]
@@ -176,7 +179,7 @@ def test_record_flag_into_existing_and_new_zone():
 @pytest.mark.parametrize("bad", ["foo", "=1.2.3.4", "foo.internal=1.2.3", "foo.internal=::1", "fo o.internal=1.2.3.4", "-x.internal=1.2.3.4"])
 def test_record_flag_errors(bad):
     with pytest.raises(ConfigError, match="invalid"):
-        name, ip = dns.parse_record_flag(bad)
+        name, ip = parse_record_flag(bad)
 
 
 def test_zone_file():
@@ -185,8 +188,8 @@ def test_zone_file():
        "regexp": [["n[0-9]+", "10.0.0.3"]], "default_ip": "10.0.0.4"},
       {"name": "docker.internal.", "records": {"extra": "10.0.0.5"}}
     ]}"""
-    extra = dns.parse_zone_config(text)
-    zones = dns.merge_zones(dns.builtin_zones(NET), extra)
+    extra = parse_zone_config(text)
+    zones = merge_zones(builtin_zones(NET), extra)
     assert [z.name for z in zones] == ["rancher-desktop.internal.", "docker.internal.", "corp.test."]
     a = authority(zones=zones)
     assert answers(ask(a, "extra.docker.internal"), QTYPE.A) == ["10.0.0.5"]
@@ -218,7 +221,7 @@ def test_zone_file():
 )
 def test_zone_file_errors(text, msg):
     with pytest.raises(ConfigError, match=msg):
-        dns.parse_zone_config(text)
+        parse_zone_config(text)
 
 
 # -- raw helpers -----------------------------------------------------------------
@@ -238,14 +241,14 @@ def big_reply(n=150, edns=None):
 
 def test_truncate_small_reply_untouched():
     _, data = big_reply(3)
-    assert dns.truncate_for_udp(data, 512) is data
+    assert truncate_for_udp(data, 512) is data
 
 
 def test_truncate_sets_tc_and_drops_records():
     q, data = big_reply(150)
     assert len(data) > 2000
-    out = dns.truncate_for_udp(data, dns.udp_payload_limit(q))
-    assert len(out) <= 512 and dns.is_truncated(out)
+    out = truncate_for_udp(data, udp_payload_limit(q))
+    assert len(out) <= 512 and is_truncated(out)
     r = DNSRecord.parse(out)
     assert r.header.tc == 1 and r.header.id == q.header.id and r.rr == []
     assert str(r.q.qname) == "big.example."
@@ -253,43 +256,43 @@ def test_truncate_sets_tc_and_drops_records():
 
 def test_truncate_honours_edns_and_keeps_opt():
     q, data = big_reply(150, edns=4096)
-    limit = dns.udp_payload_limit(DNSRecord.parse(q.pack()))
+    limit = udp_payload_limit(DNSRecord.parse(q.pack()))
     assert limit == 4096
-    assert dns.truncate_for_udp(data, limit) is data  # fits
+    assert truncate_for_udp(data, limit) is data  # fits
     q, data = big_reply(150, edns=1232)
-    out = dns.truncate_for_udp(data, dns.udp_payload_limit(q))
+    out = truncate_for_udp(data, udp_payload_limit(q))
     r = DNSRecord.parse(out)
     assert r.header.tc == 1 and [rr.rtype for rr in r.ar] == [QTYPE.OPT]
 
 
 def test_udp_payload_limit_floor():
     q = DNSRecord.question("x.test")
-    assert dns.udp_payload_limit(q) == 512
+    assert udp_payload_limit(q) == 512
     q.add_ar(dnslib.EDNS0(udp_len=100))
-    assert dns.udp_payload_limit(q) == 512
-    assert dns.udp_payload_limit(None) == 512
+    assert udp_payload_limit(q) == 512
+    assert udp_payload_limit(None) == 512
 
 
 def test_servfail_and_formerr():
     q = DNSRecord.question("example.com", "MX")
     q.header.id = 77
-    r = DNSRecord.parse(dns.servfail(q.pack()))
+    r = DNSRecord.parse(servfail(q.pack()))
     assert r.header.rcode == RCODE.SERVFAIL and r.header.id == 77 and r.header.qr == 1
     assert r.header.rd == 1 and str(r.q.qname) == "example.com." and r.q.qtype == QTYPE.MX
-    r = DNSRecord.parse(dns.formerr(b"\x00\x4d\x01\x00\x00\x01" + b"\x00" * 6 + b"\x05ab"))
+    r = DNSRecord.parse(formerr(b"\x00\x4d\x01\x00\x00\x01" + b"\x00" * 6 + b"\x05ab"))
     assert r.header.rcode == RCODE.FORMERR and r.header.id == 77 and r.questions == []
-    assert dns.formerr(b"\x00\x01\x00") is None  # not even a header
-    assert dns.formerr(b"\x00\x01\x80\x00" + b"\x00" * 8) is None  # a response: never answer
-    assert DNSRecord.parse(dns.notimp(q.pack())).header.rcode == RCODE.NOTIMP
+    assert formerr(b"\x00\x01\x00") is None  # not even a header
+    assert formerr(b"\x00\x01\x80\x00" + b"\x00" * 8) is None  # a response: never answer
+    assert DNSRecord.parse(notimp(q.pack())).header.rcode == RCODE.NOTIMP
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=600), st.integers(0, 70000))
 def test_helpers_never_crash(data, limit):
-    for f in (dns.formerr, dns.servfail, dns.notimp):
+    for f in (formerr, servfail, notimp):
         out = f(data)
         assert out is None or (len(out) >= 12 and out[2] & 0x80)
-    out = dns.truncate_for_udp(data, limit)
+    out = truncate_for_udp(data, limit)
     assert len(out) <= max(512, limit) or out is data
 
 
@@ -308,23 +311,30 @@ nameserver [::1]:5300
 nameserver bogus
 options edns0 timeout:1
 """
-    conf = dns.parse_resolv_conf(text)
+    conf = parse_resolv_conf(text)
     assert conf.nameservers == (("10.0.0.53", 53), ("fe80::1", 53), ("127.0.0.1", 5353), ("::1", 5300))
     assert conf.search == ("corp.example", "lab.example")
-    assert dns.parse_resolv_conf("search a.b\ndomain c.d\n").search == ("c.d",)  # last wins
-    assert dns.parse_resolv_conf("") == dns.ResolvConf()
+    assert parse_resolv_conf("search a.b\ndomain c.d\n").search == ("c.d",)  # last wins
+    assert parse_resolv_conf("") == ResolvConf()
 
 
 @pytest.mark.parametrize("bad", ["", "1.2.3.4:0", "1.2.3.4:x", "[::1", "[::1]x", "host.name", "1.2.3.4:70000"])
 def test_parse_server_errors(bad):
     with pytest.raises(ConfigError, match="invalid DNS server"):
-        dns.parse_server(bad)
+        parse_server(bad)
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.text(max_size=400))
 def test_parse_resolv_conf_never_crashes(text):
-    conf = dns.parse_resolv_conf(text)
+    conf = parse_resolv_conf(text)
     for ip, port in conf.nameservers:
         ipaddress.ip_address(ip)
         assert 0 < port < 65536
+
+
+def test_parse_server_port_errors_name_the_server_and_the_port():
+    with pytest.raises(ConfigError, match=r"invalid DNS server '1\.2\.3\.4:x': invalid port 'x': not a number"):
+        parse_server("1.2.3.4:x")
+    with pytest.raises(ConfigError, match=r"invalid DNS server '\[::1\]:0': invalid port '0': must be 1\.\.65535"):
+        parse_server("[::1]:0")

@@ -3,7 +3,6 @@
 import argparse
 import os
 import struct
-import time
 
 import dnslib
 import pytest
@@ -16,7 +15,8 @@ from hypothesis import strategies as st
 from rdswitch.config import ConfigError, NetConfig
 from rdswitch.host import dns_server
 from rdswitch.host.dns_upstream import Upstreams, UpstreamError, forward
-from rdswitch.services import dns
+from rdswitch.services.dns.authority import DnsAuthority
+from rdswitch.services.dns.zones import builtin_zones
 
 NET = NetConfig()
 BIG_TXT = [("x%03d-" % i) + "y" * 90 for i in range(32)]  # ~3100 bytes of TXT
@@ -36,6 +36,7 @@ class FakeUpstream:
         self.tcp = tcp  # False: TCP connections are closed at once (a resolver without TCP)
         self.udp_queries = 0
         self.tcp_queries = 0
+        self.asked = trio.Event()  # set at the first UDP query, answered or not
         self.port = None
 
     def reply(self, data: bytes, udp: bool) -> bytes:
@@ -85,6 +86,7 @@ class FakeUpstream:
             while True:
                 data, addr = await sock.recvfrom(65535)
                 self.udp_queries += 1
+                self.asked.set()
                 if not self.silent and self.udp_queries > self.drop_first:
                     await sock.sendto(self.reply(data, udp=True), addr)
 
@@ -121,7 +123,7 @@ def query(name, qtype="A", edns=None, qid=4321):
 
 
 def service(upstreams, **kw):
-    return dns_server.DnsService(dns.DnsAuthority(dns.builtin_zones(NET), 60), upstreams, **kw)
+    return dns_server.DnsService(DnsAuthority(builtin_zones(NET), 60), upstreams, **kw)
 
 
 def closed_udp_port():
@@ -207,28 +209,37 @@ def test_big_answer_truncated_over_udp_and_full_over_tcp():
     trio.run(main)
 
 
-def test_upstream_down_is_servfail_fast():
+def test_upstream_down_is_servfail_without_waiting_for_a_timeout():
+    # closed port: the ICMP unreachable fails the exchange at once.  The timeouts are far
+    # longer than the test could take: a SERVFAIL that waited for them says "timeout".
     async def main():
-        # closed port: ICMP unreachable -> immediate failure
-        svc = service(Upstreams([("127.0.0.1", closed_udp_port())]))
-        t0 = time.monotonic()
+        port = closed_udp_port()
+        svc = service(Upstreams([("127.0.0.1", port)]), timeout_per_server=30, total_timeout=30)
         r = DNSRecord.parse(await svc.handle_udp(query("known.example", qid=55), None))
         assert r.header.rcode == RCODE.SERVFAIL and r.header.id == 55
         assert str(r.q.qname) == "known.example."
-        assert time.monotonic() - t0 < 1.0
-        # a server that never answers: SERVFAIL within the total bound (< 3 s)
+        with pytest.raises(UpstreamError) as err:
+            await forward(query("known.example"), [("127.0.0.1", port)], timeout_per_server=30, total_timeout=30)
+        assert "refused" in str(err.value).lower() and "timeout" not in str(err.value)
+
+    trio.run(main)
+
+
+def test_silent_upstreams_servfail_at_the_total_timeout():
+    # Nobody ever answers, so every wait ends on the clock: virtual time, exact bounds.
+    async def main():
         async with trio.open_nursery() as nursery:
             mute = await nursery.start(FakeUpstream({}, silent=True).run)
             mute2 = await nursery.start(FakeUpstream({}, silent=True).run)
             svc = service(Upstreams([mute.addr, mute2.addr, mute.addr]), timeout_per_server=1.0, total_timeout=2.5)
-            t0 = time.monotonic()
+            t0 = trio.current_time()
             r = DNSRecord.parse(await svc.handle_udp(query("known.example"), None))
-            took = time.monotonic() - t0
-            assert r.header.rcode == RCODE.SERVFAIL and 0.9 < took < 3.0
+            # 1 s for each of the first two, the third cut short by the total bound
+            assert r.header.rcode == RCODE.SERVFAIL and trio.current_time() - t0 == pytest.approx(2.5)
             assert svc.stats["servfail"] == 1
             nursery.cancel_scope.cancel()
 
-    trio.run(main)
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
 def test_next_server_on_timeout_and_on_servfail():
@@ -236,10 +247,13 @@ def test_next_server_on_timeout_and_on_servfail():
         async with trio.open_nursery() as nursery:
             mute = await nursery.start(FakeUpstream({}, silent=True).run)
             good = await nursery.start(FakeUpstream({"known.example": "10.2.2.2", "servfail.example": "1.1.1.1"}).run)
-            t0 = time.monotonic()
-            out = await forward(query("known.example"), [mute.addr, good.addr], timeout_per_server=0.3)
+            # Only the per-server timeout can move on from the mute server: without it the
+            # forwarder would sit there for the whole total_timeout and then fail.
+            out = await forward(query("known.example"), [mute.addr, good.addr], timeout_per_server=0.3, total_timeout=30)
             assert DNSRecord.parse(out).rr[0].rdata == dnslib.A("10.2.2.2")
-            assert 0.25 < time.monotonic() - t0 < 1.5
+            with trio.fail_after(5):
+                await mute.asked.wait()  # it was asked first (and never answered)
+            assert good.udp_queries == 1
             # SERVFAIL from every server is passed through (it is still not NXDOMAIN)
             out = await forward(query("servfail.example"), [good.addr, good.addr])
             assert DNSRecord.parse(out).header.rcode == RCODE.SERVFAIL and good.udp_queries == 3
@@ -254,38 +268,92 @@ def test_next_server_on_timeout_and_on_servfail():
 
 def test_resolv_conf_change_is_followed_without_restart(tmp_path):
     path = tmp_path / "resolv.conf"
+    now = [0.0]  # Upstreams' clock: only the re-check rate limit reads it
 
     async def main():
         async with trio.open_nursery() as nursery:
             a = await nursery.start(FakeUpstream({"switch.example": "10.0.0.1"}).run)
             b = await nursery.start(FakeUpstream({"switch.example": "10.0.0.2"}).run)
             path.write_text(f"search first.example\nnameserver 127.0.0.1:{a.port}\n")
-            svc = service(Upstreams(resolv_conf=path))
-            r = DNSRecord.parse(await svc.handle_udp(query("switch.example"), None))
-            assert str(r.rr[0].rdata) == "10.0.0.1"
+            upstreams = Upstreams(resolv_conf=path, recheck_interval=0.25, clock=lambda: now[0])
+            svc = service(upstreams)
+
+            async def answer():
+                r = DNSRecord.parse(await svc.handle_udp(query("switch.example"), None))
+                return str(r.rr[0].rdata)
+
+            assert await answer() == "10.0.0.1"
             assert svc.search_domains() == ["first.example"]
             # a VPN rewrites the file (same length, so only mtime/inode tell)
             tmp = tmp_path / "resolv.new"
             tmp.write_text(f"search second.example\nnameserver 127.0.0.1:{b.port}\n")
             os.replace(tmp, path)
-            t0 = time.monotonic()
-            seen = None
-            for _ in range(30):  # bounded: at most ~1.5 s
-                r = DNSRecord.parse(await svc.handle_udp(query("switch.example"), None))
-                seen = str(r.rr[0].rdata)
-                if seen == "10.0.0.2":
-                    break
-                await trio.sleep(0.05)
-            assert seen == "10.0.0.2" and time.monotonic() - t0 < 1.0
+            now[0] += 0.1  # within recheck_interval of the last check: not even stat'ed
+            assert await answer() == "10.0.0.1"
+            now[0] += 0.15  # recheck_interval since the last check: the next query sees the new file
+            assert await answer() == "10.0.0.2"
             assert svc.search_domains() == ["second.example"]
             # the file vanishing keeps the last known servers
             path.unlink()
-            await trio.sleep(0.3)
-            r = DNSRecord.parse(await svc.handle_udp(query("switch.example"), None))
-            assert str(r.rr[0].rdata) == "10.0.0.2"
+            now[0] += 1.0
+            assert await answer() == "10.0.0.2"
+            assert svc.search_domains() == ["second.example"]
             nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+def _rewrite(path, text):
+    tmp = path.with_suffix(".new")
+    tmp.write_text(text)
+    os.replace(tmp, path)  # a new inode, as a VPN client or resolvconf(8) does it
+
+
+def test_keep_search_domains_applies_each_change_of_the_resolv_conf(tmp_path):
+    path = tmp_path / "resolv.conf"
+    path.write_text("search first.example\nnameserver 127.0.0.1\n")
+    svc = service(Upstreams(resolv_conf=path))
+    clock = trio.testing.MockClock(autojump_threshold=0)
+
+    async def main():
+        send, applied = trio.open_memory_channel(100)
+
+        async def quiet_for(seconds):
+            with trio.move_on_after(seconds):
+                got = await applied.receive()
+                pytest.fail(f"apply({got}) without a change of the search line")
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(svc.keep_search_domains, send.send_nowait, 1.0)
+            assert applied.receive_nowait() == ["first.example"]  # at once, before started()
+            await quiet_for(10)  # unchanged file: no calls
+            _rewrite(path, "search second.example other.example\nnameserver 127.0.0.1\n")
+            with trio.fail_after(1.5):  # by the next check, at most one interval away (virtual time)
+                assert await applied.receive() == ["second.example", "other.example"]
+            _rewrite(path, "search second.example other.example\nnameserver 127.0.0.9\n")
+            await quiet_for(10)  # only the servers changed: nothing for DHCP
+            path.unlink()
+            await quiet_for(10)  # a vanished file keeps the last known list
+            path.write_text("nameserver 127.0.0.1\n")
+            with trio.fail_after(1.5):
+                assert await applied.receive() == []  # no search line any more: option 119 goes away
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=clock)
+
+
+def test_keep_search_domains_with_fixed_domains_applies_once_and_returns(tmp_path):
+    path = tmp_path / "resolv.conf"
+    path.write_text("search from-file.example\nnameserver 127.0.0.1\n")
+    svc = service(Upstreams(resolv_conf=path), search=["fixed.example"])
+    calls = []
+
+    async def main():
+        with trio.fail_after(1):  # virtual: returns without ever sleeping
+            await svc.keep_search_domains(calls.append, 1.0)
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert calls == [["fixed.example"]]
 
 
 # -- TCP ---------------------------------------------------------------------------
@@ -318,12 +386,12 @@ def test_serve_stream_idle_timeout_closes():
         async with trio.open_nursery() as nursery:
             nursery.start_soon(svc.serve_stream, server)
             await client.send_all(b"\x00")  # half a length prefix, then silence
-            t0 = time.monotonic()
+            t0 = trio.current_time()
             with trio.fail_after(2):
                 assert await client.receive_some() == b""
-            assert 0.15 < time.monotonic() - t0 < 1.5
+            assert trio.current_time() - t0 == pytest.approx(0.2)  # virtual time: exactly the idle timeout
 
-    trio.run(main)
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
 def test_serve_stream_peer_reset_does_not_raise():
@@ -538,16 +606,16 @@ def test_truncated_answer_kept_when_upstream_has_no_tcp():
 
 def test_tcp_client_that_never_reads_is_dropped():
     async def main():
-        svc = dns_server.DnsService(dns.DnsAuthority(dns.builtin_zones(NET)), Upstreams([]), tcp_idle_timeout=0.5,
+        svc = dns_server.DnsService(DnsAuthority(builtin_zones(NET)), Upstreams([]), tcp_idle_timeout=0.5,
                                      tcp_max_inflight=2)
         client, server = trio.testing.lockstep_stream_pair()  # no buffering: replies block until read
         msg = query("host.rancher-desktop.internal")
         framed = (struct.pack("!H", len(msg)) + msg) * 8
-        with trio.fail_after(5):
+        with trio.fail_after(5):  # virtual time: a few idle timeouts, not forever
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(svc.serve_stream, server)
                 with trio.move_on_after(0.2):
                     await client.send_all(framed)  # the server stops reading once its replies block
         # serve_stream returned by itself within the bound: nothing left running for this client
 
-    trio.run(main)
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
