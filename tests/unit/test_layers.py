@@ -97,7 +97,7 @@ PURE = [m for m, _ in modules() if unit_of(m) in LAYERS[0] | LAYERS[1] | LAYERS[
 
 @pytest.mark.parametrize("module", PURE)
 def test_pure_modules_import_no_trio(module):
-    code = (f"import sys, {module}; bad = [m for m in ('trio', 'hypercorn', 'quart', 'pyroute2') if m in sys.modules]; "
+    code = (f"import sys, {module}; bad = [m for m in ('trio', 'asyncio', 'anyio', 'hypercorn', 'quart', 'pyroute2') if m in sys.modules]; "
             "print(', '.join(bad)); sys.exit(1 if bad else 0)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert res.returncode == 0, f"{module} pulls in {res.stderr.strip() or res.stdout.strip()}"
