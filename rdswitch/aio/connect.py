@@ -23,7 +23,7 @@ from rdswitch.urls import Endpoint, parse_url
 from rdswitch.aio.links import (
     DatagramFrameLink,
     FrameLink,
-    StreamFrameLink,
+    SocketFrameLink,
     _describe,
     _tune_data_socket,
     link_from_fd,
@@ -89,9 +89,9 @@ class _StreamFrameListener(FrameListener):
 
     async def accept(self) -> FrameLink:
         stream = await self.inner.accept()
-        sock = stream.socket
-        _tune_data_socket(sock)  # type: ignore[arg-type]  # trio sockets accept setsockopt too
-        return StreamFrameLink(stream, self.framing, peer=_describe(sock, self.url))  # type: ignore[arg-type]
+        sock = _stdsocket.socket(fileno=stream.socket.detach())
+        _tune_data_socket(sock)
+        return SocketFrameLink(sock, self.framing, peer=_describe(sock, self.url))
 
     async def aclose(self) -> None:
         await self.inner.aclose()
@@ -310,9 +310,9 @@ async def dial(url: str, framing: str = "stdio") -> FrameLink:
         await trio.lowlevel.checkpoint()
         return link_from_fd(ep.fd, framing)
     if framing in STREAM_FRAMINGS:
-        tsock = await _connect(ep, _stdsocket.SOCK_STREAM)
-        _tune_data_socket(tsock)  # type: ignore[arg-type]
-        return StreamFrameLink(trio.SocketStream(tsock), framing, peer=str(ep))
+        sock = _stdsocket.socket(fileno=(await _connect(ep, _stdsocket.SOCK_STREAM)).detach())
+        _tune_data_socket(sock)
+        return SocketFrameLink(sock, framing, peer=str(ep))
     if ep.scheme != "unix":
         raise ConfigError(f"cannot dial {ep} with {framing} framing: it needs a unix:// socket")
     if framing == "bess":

@@ -8,6 +8,7 @@ inherited descriptor (vm-switch's fd 3).
 
 from __future__ import annotations
 
+import collections
 import os
 import socket as _stdsocket
 import stat
@@ -26,7 +27,7 @@ from rdswitch.framing import (
     validate_framing,
 )
 
-__all__ = ["FrameLink", "StreamFrameLink", "DatagramFrameLink", "link_from_fd", "FramingError"]
+__all__ = ["FrameLink", "StreamFrameLink", "SocketFrameLink", "DatagramFrameLink", "link_from_fd", "FramingError"]
 
 #: Bytes asked for per receive on a stream link: many frames per wakeup.
 RECV_CHUNK = 256 * 1024
@@ -82,12 +83,29 @@ class FrameLink:
 
     peer: str = "?"
     framing: str = "stdio"
+    #: :meth:`try_send` sends without waiting (a socket link)
+    can_send_inline: bool = False
 
     async def receive_batch(self) -> list[bytes]:
         raise NotImplementedError
 
     async def send_batch(self, frames: list[bytes]) -> None:
         raise NotImplementedError
+
+    def try_send(self, frames: list[bytes]) -> bool | None:
+        """Send without waiting, if this link can: True when everything went out, False when
+        some bytes wait in the link for :meth:`flush`; None when the link cannot send inline
+        (the caller queues and uses :meth:`send_batch`)."""
+        return None
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes accepted by :meth:`try_send` that the socket has not taken yet."""
+        return 0
+
+    async def flush(self) -> None:
+        """Wait until every byte accepted by :meth:`try_send` is sent."""
+        await trio.lowlevel.checkpoint()
 
     async def aclose(self) -> None:
         raise NotImplementedError
@@ -149,6 +167,130 @@ class StreamFrameLink(FrameLink):
 
     async def aclose(self) -> None:
         await self.stream.aclose()
+
+
+class SocketFrameLink(FrameLink):
+    """stdio/qemu framing over a connected stream socket, driven directly (the hot path).
+
+    A send that would not block happens inline, in the caller's task
+    (:meth:`try_send`): no hand-off to a writer task and no scheduler round;
+    what the socket does not take waits here, in order, until :meth:`flush`.
+    A receive waits for readability once and then drains what is there.
+    """
+
+    can_send_inline = True
+
+    def __init__(self, sock: _stdsocket.socket, framing: str = "stdio", *, peer: str = "socket",
+                 max_frame: int = MAX_FRAME, recv_chunk: int = RECV_CHUNK):
+        self.framing = validate_framing(framing)
+        if self.framing not in STREAM_FRAMINGS:
+            raise ConfigError(f"framing {self.framing!r} needs a datagram socket, not a byte stream")
+        sock.setblocking(False)
+        self.sock = sock
+        self.peer = peer
+        self._decoder = StreamDecoder(self.framing, max_frame)
+        self._recv_chunk = recv_chunk
+        self._pending: collections.deque[memoryview] = collections.deque()
+        self._pending_bytes = 0
+        self._flush_lock = trio.StrictFIFOLock()
+        self._eof = False
+        self._closed = False
+
+    @property
+    def pending_bytes(self) -> int:
+        return self._pending_bytes
+
+    def _error(self, exc: OSError) -> Exception:
+        if self._closed:
+            return trio.ClosedResourceError("link was closed")
+        return trio.BrokenResourceError(f"{self.peer}: {exc}")
+
+    async def receive_batch(self) -> list[bytes]:
+        if self._eof:
+            await trio.lowlevel.checkpoint()
+            return []
+        sock = self.sock
+        # Bounded: each pass either returns or adds bytes to a frame of at
+        # most max_frame bytes; a longer frame was already rejected.
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            try:
+                data = sock.recv(self._recv_chunk)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                raise self._error(exc) from exc
+            if not data:
+                self._eof = True
+                self._decoder.eof()
+                return []
+            frames = self._decoder.feed(data)
+            if frames:
+                return frames
+
+    def try_send(self, frames: list[bytes]) -> bool:
+        if self._closed:
+            raise trio.ClosedResourceError("link was closed")
+        buf = encode(self.framing, frames)
+        if self._pending:  # keep the order: behind what already waits
+            self._pending.append(memoryview(buf))
+            self._pending_bytes += len(buf)
+            return False
+        try:
+            n = self.sock.send(buf)
+        except BlockingIOError:
+            n = 0
+        except OSError as exc:
+            raise self._error(exc) from exc
+        if n == len(buf):
+            return True
+        rest = memoryview(buf)[n:]
+        self._pending.append(rest)
+        self._pending_bytes += len(rest)
+        return False
+
+    async def flush(self) -> None:
+        async with self._flush_lock:
+            pending = self._pending
+            sock = self.sock
+            while pending:
+                await trio.lowlevel.wait_writable(sock)
+                while pending:
+                    head = pending[0]
+                    try:
+                        n = sock.send(head)
+                    except BlockingIOError:
+                        break
+                    except OSError as exc:
+                        raise self._error(exc) from exc
+                    self._pending_bytes -= n
+                    if n == len(head):
+                        pending.popleft()
+                    else:
+                        pending[0] = head[n:]
+                        break
+            await trio.lowlevel.checkpoint()
+
+    async def send_batch(self, frames: list[bytes]) -> None:
+        if frames and self.try_send(frames):
+            await trio.lowlevel.checkpoint()
+            return
+        await self.flush()
+
+    async def send_eof(self) -> None:
+        """Half-close once everything is sent: the peer sees EOF."""
+        await self.flush()
+        try:
+            self.sock.shutdown(_stdsocket.SHUT_WR)
+        except OSError as exc:
+            raise self._error(exc) from exc
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            trio.lowlevel.notify_closing(self.sock)
+            self.sock.close()
+        await trio.lowlevel.checkpoint()
 
 
 class DatagramFrameLink(FrameLink):
@@ -270,5 +412,5 @@ def link_from_fd(fd: int, framing: str = "stdio") -> FrameLink:
     _tune_data_socket(sock)
     peer = _describe(sock, f"fd://{fd}")
     if framing in STREAM_FRAMINGS:
-        return StreamFrameLink(trio.SocketStream(trio.socket.from_stdlib_socket(sock)), framing, peer=peer)
+        return SocketFrameLink(sock, framing, peer=peer)
     return DatagramFrameLink(sock, framing, peer=peer)

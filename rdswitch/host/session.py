@@ -42,29 +42,68 @@ class Session:
         self._queued_bytes = 0
         self._wakeup = trio.lowlevel.ParkingLot()
         self.closed = False
+        # The link sends inline (a socket): frames go out from the task that made them.
+        self._inline = bool(getattr(link, "can_send_inline", False))
 
     def __repr__(self) -> str:
         return f"<session {self.id} {self.peer}>"
 
-    def enqueue(self, frame: bytes) -> bool:
-        """Queue one frame towards the VM (sync, never blocks).  False if dropped."""
+    def enqueue(self, frame: bytes) -> None:
+        """One frame towards the VM (sync, never blocks)."""
+        self.send([frame])
+
+    def send(self, frames: list[bytes]) -> None:
+        """Frames towards the VM (sync, never blocks; a full queue drops, counted).
+
+        Over a socket link the frames go out right here, in the caller's task,
+        when the socket takes them; only what it does not take is left for the
+        writer task (the link keeps it, in order).
+        """
         if self.closed:
-            return False
-        n = len(frame)
-        if n > MAX_FRAME:
-            self.counters.drop("frame-too-large")
-            return False
-        if self._queued_bytes + n > QUEUE_LIMIT_BYTES:
-            self.counters.drop("queue-full")
-            return False
-        self._queue.append(frame)
-        self._queued_bytes += n
-        if len(self._queue) == 1:
+            return
+        size = 0
+        for frame in frames:
+            size += len(frame)
+            if len(frame) > MAX_FRAME:
+                self.counters.drop("frame-too-large")
+                frames = [f for f in frames if len(f) <= MAX_FRAME]
+                size = sum(len(f) for f in frames)
+                break
+        if not frames:
+            return
+        values = self.counters.values
+        if self._inline and not self._queue:
+            link = self.link
+            if link.pending_bytes + size > QUEUE_LIMIT_BYTES:
+                self.counters.drop("queue-full", len(frames))
+                return
+            try:
+                clear = link.try_send(frames)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self.counters.drop("link-broken", len(frames))  # the reader sees it and ends the session
+                return
+            values["frames_out"] += len(frames)
+            values["bytes_out"] += size
+            if not clear:
+                self._wakeup.unpark_all()
+            return
+        if self._queued_bytes + size > QUEUE_LIMIT_BYTES:
+            self.counters.drop("queue-full", len(frames))
+            return
+        was_empty = not self._queue
+        self._queue.extend(frames)
+        self._queued_bytes += size
+        if was_empty:
             self._wakeup.unpark_all()
-        return True
 
     async def writer(self) -> None:
-        """Drain the queue into the link, one ``send_batch`` per burst."""
+        """Send what could not go out inline: the link's leftovers, or the queue in batches."""
+        link = self.link
+        if self._inline:
+            while True:
+                while not link.pending_bytes:
+                    await self._wakeup.park()
+                await link.flush()
         queue = self._queue
         values = self.counters.values
         while True:
@@ -79,7 +118,7 @@ class Session:
             self._queued_bytes -= size
             values["frames_out"] += len(batch)
             values["bytes_out"] += size
-            await self.link.send_batch(batch)
+            await link.send_batch(batch)
 
     def close(self) -> None:
         self.closed = True

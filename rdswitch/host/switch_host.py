@@ -58,12 +58,28 @@ class Egress:
             self.capture.write(frames)
         route = self.switch.route
         gw = self.gw_port
+        current = None  # frames for one session go out together (one send)
+        group: list[bytes] = []
         for frame in frames:
             outs = route(gw, frame, False)
+            if len(outs) == 1:
+                out = outs[0]
+                if out is current:
+                    group.append(frame)
+                    continue
+                if current is not None:
+                    current.send(group)
+                current, group = out, [frame]
+                continue
+            if current is not None:  # keep the order of what went before
+                current.send(group)
+                current, group = None, []
             if not outs:
                 self.counters.drop("egress-unknown-mac")  # the VM has gone: nobody else gets its frames
-            for out in outs:
-                out.enqueue(frame)
+            for out in outs:  # broadcast
+                out.send([frame])
+        if current is not None:
+            current.send(group)
 
 
 class HostSwitch:

@@ -199,7 +199,7 @@ def test_unix_listen_refuses_regular_file(tmp_path):
 def test_stream_link_garbage_raises_framing_error(tmp_path):
     async def main():
         listener, client, server = await _pair(f"unix://{tmp_path}/g.sock", "stdio")
-        await client.stream.send_all(encode("stdio", [b"ok"]) + b"\x00\x00junk")
+        client.sock.sendall(encode("stdio", [b"ok"]) + b"\x00\x00junk")
         with pytest.raises(FramingError, match="zero-length") as ei:
             await server.receive_batch()
         assert ei.value.frames == [b"ok"]
@@ -213,7 +213,7 @@ def test_stream_link_garbage_raises_framing_error(tmp_path):
 def test_stream_link_truncated_eof(tmp_path):
     async def main():
         listener, client, server = await _pair("tcp://127.0.0.1:0", "stdio")
-        await client.stream.send_all(b"\x10\x00abc")
+        client.sock.sendall(b"\x10\x00abc")
         await client.aclose()
         with pytest.raises(FramingError, match="truncated"):
             await server.receive_batch()
