@@ -126,18 +126,32 @@ def host_switch_flags(ns: argparse.Namespace) -> list[str]:
     return out
 
 
-def _check_with(parse, argv: list[str], who: str) -> None:
+def _check_with(parse, argv: list[str], who: str):
     """Run a child's own argument parser on ``argv``; its complaint becomes one UsageError line."""
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            parse(argv)
+            return parse(argv)
     except SystemExit as exc:
-        if exc.code not in (0, None):
-            lines = [ln for ln in err.getvalue().splitlines() if ln.strip()]
-            msg = lines[-1] if lines else f"exit status {exc.code}"
-            msg = msg.split(": error: ", 1)[-1]
-            raise UsageError(f"{who}: {msg}") from None
+        lines = [ln for ln in err.getvalue().splitlines() if ln.strip()]
+        msg = lines[-1] if lines else f"exit status {exc.code}"
+        msg = msg.split(": error: ", 1)[-1]
+        raise UsageError(f"{who}: {msg}") from None
+
+
+def check_host_flags(host_args: list[str]) -> None:
+    """host-switch's own checks: its parser, then the DNS flags it only checks when it starts."""
+    from ..config import ConfigError
+    from ..host import __main__ as host_main
+    # the listen URL is a placeholder: only the flags are checked
+    ns = _check_with(host_main.parse_args, ["--listen", "unix:///nonexistent/check.sock", *host_args], "host-switch")
+    try:
+        from ..host import dns_server
+        dns_server.from_args(ns, ns.net)
+    except ConfigError as exc:
+        raise UsageError(f"host-switch: {exc}") from None
+    except (ImportError, AttributeError):  # pragma: no cover - a host-switch without that hook
+        pass
 
 
 def parse(argv: list[str], pid: int | None = None) -> Options:
@@ -165,9 +179,7 @@ def parse(argv: list[str], pid: int | None = None) -> Options:
     if not _NETNS_RE.match(netns) or netns in (".", ".."):
         raise UsageError(f"invalid --netns {netns!r}: use 1-60 letters, digits, '.', '_' or '-'")
     host_args = host_switch_flags(ns)
-    # The children's own parsers (the listen URL is a placeholder: only the flags are checked).
-    from ..host.__main__ import parse_args as host_parse
-    _check_with(host_parse, ["--listen", "unix:///nonexistent/check.sock", *host_args], "host-switch")
+    check_host_flags(host_args)
     return Options(subnet=subnet, host_args=tuple(host_args), offload=ns.offload, netns=netns,
                    command=tuple(cmd), debug=ns.debug, stop_timeout=stop_timeout)
 
@@ -184,6 +196,7 @@ class Paths:
     pid_file = property(lambda self: os.path.join(self.tmp, "init.pid"))
     gate = property(lambda self: os.path.join(self.tmp, "init.gate"))
     host_log = property(lambda self: os.path.join(self.tmp, "host-switch.log"))
+    host_stderr = property(lambda self: os.path.join(self.tmp, "host-switch.stderr"))
     setup_log = property(lambda self: os.path.join(self.tmp, "network-setup.log"))
     vm_log = property(lambda self: os.path.join(self.tmp, "vm-switch.log"))
     etc_dir = property(lambda self: os.path.join("/etc/netns", self.netns))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -61,9 +62,12 @@ def log_tail(path: str, n: int = 8) -> str:
 
 
 def last_error(path: str) -> str | None:
+    """The last ERROR line of a log (or an 'X: error: ...' / exception line of a stderr file)."""
     for ln in reversed(read_text(path).splitlines()):
         if " ERROR " in ln or " CRITICAL " in ln:
             return ln.split(" ERROR ", 1)[-1].split(" CRITICAL ", 1)[-1]
+        if ": error: " in ln or re.match(r"^\w+(\.\w+)*(Error|Exception): ", ln):
+            return ln
     return None
 
 
@@ -115,6 +119,25 @@ def _pids_in_netns(name: str) -> list[int]:
     return out
 
 
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(x) for x in f.read().split()]
+    return out
+
+
+def _catches(pid: int, sig: int) -> bool:
+    """Whether process ``pid`` has a handler for ``sig`` (SigCgt in /proc/PID/status)."""
+    with contextlib.suppress(OSError, ValueError):
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    return False
+
+
 # --- children ---
 
 async def stop(proc: trio.Process | None, timeout: float) -> None:
@@ -152,8 +175,9 @@ class Sandbox:
             why = last_error(self.paths.setup_log) or f"network-setup exited with status {self.setup.returncode}"
             raise StageError(stage, why, log_tail(self.paths.setup_log) + "\n" + log_tail(self.paths.vm_log, 4))
         if self.host is not None and self.host.returncode is not None:
-            why = last_error(self.paths.host_log) or f"host-switch exited with status {self.host.returncode}"
-            raise StageError(stage, why, log_tail(self.paths.host_log))
+            why = (last_error(self.paths.host_log) or last_error(self.paths.host_stderr)
+                   or f"host-switch exited with status {self.host.returncode}")
+            raise StageError(stage, why, log_tail(self.paths.host_log) or log_tail(self.paths.host_stderr))
 
     async def until(self, stage: str, timeout: float, pred, what: str, logs: tuple[str, ...] = ()):
         """Poll ``pred`` (bounded by ``timeout``) while watching the children; return its value."""
@@ -212,10 +236,12 @@ class Sandbox:
         self.setup = await trio.lowlevel.open_process(cmd, stdin=None, **group)
         await self.until("handshake", 15, lambda: os.path.exists(p.handshake_sock), "handshake socket",
                          (p.setup_log,))
-        quiet = None if self.opts.debug else subprocess.DEVNULL
-        self.host = await trio.lowlevel.open_process(sbopts.host_switch_command(self.opts, p),
-                                                     stdin=subprocess.DEVNULL, stdout=quiet, stderr=quiet,
-                                                     process_group=0)
+        # host-switch's stderr goes to a file (its INFO lines are not for the terminal); a failure shows its tail
+        with open(p.host_stderr, "w") as err:
+            out = None if self.opts.debug else err
+            self.host = await trio.lowlevel.open_process(sbopts.host_switch_command(self.opts, p),
+                                                         stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                                         process_group=0)
         await self.until("host-switch", 15, lambda: os.path.exists(p.host_sock), "listening socket", (p.host_log,))
         allow = [self.opts.host_args[i + 1] for i, a in enumerate(self.opts.host_args) if a == "--allow-outbound"]
         say(f"host-switch up: subnet {self.opts.subnet}, gateway {self.opts.gateway}, host alias "
@@ -238,8 +264,10 @@ class Sandbox:
         os.write(self.gate_fd, b"go\n")
         os.close(self.gate_fd)
         self.gate_fd = -1
-        what = "self-check" if self.self_check else " ".join(self.init)
-        say(f"init: {what} as pid 1 of a new pid namespace (unshare pid {pid.strip()}, pid file {p.pid_file})")
+        what = "the self-check" if self.self_check else shlex.join(self.init)
+        if len(what) > 60:
+            what = what[:57] + "..."
+        say(f"init: {what} is pid 1 of a new pid namespace (unshare pid {pid.strip()}, pid file {p.pid_file})")
 
     async def wait(self) -> int:
         """Wait for CMD (network-setup exits with its status); a dying host-switch ends the sandbox too."""
@@ -263,6 +291,16 @@ class Sandbox:
         if self.gate_fd >= 0:
             os.close(self.gate_fd)
             self.gate_fd = -1
+        # CMD is pid 1 of its pid namespace: a SIGTERM it has no handler for is dropped, so
+        # waiting --stop-timeout for it would only delay the end; end it (and its namespace)
+        # now.  unshare first: killed second, it would complain about its child's SIGKILL.
+        unshare_pid = read_text(self.paths.pid_file).strip()
+        if unshare_pid.isdigit() and self.setup is not None and self.setup.returncode is None:
+            kids = _children(int(unshare_pid))
+            if kids and not any(_catches(pid, signal.SIGTERM) for pid in kids):
+                for pid in [int(unshare_pid), *kids]:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
         # network-setup stops init and vm-switch and removes the veth, the namespace and the pid file
         await stop(self.setup, self.opts.stop_timeout + 8)
         await stop(self.host, 5)
