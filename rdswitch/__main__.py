@@ -9,12 +9,9 @@ not use it.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,48 +38,6 @@ def _stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def self_check(ns: str) -> bool:
-    """Run real tools in the namespace; print one line per check."""
-    docroot = tempfile.mkdtemp(prefix="rdswitch-www-")
-    with open(os.path.join(docroot, "index.html"), "w") as f:
-        f.write("hello from the host's 127.0.0.1 through rdswitch\n")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([PY, "-m", "http.server", "--bind", "127.0.0.1", "--directory", docroot, str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait(lambda: _listening(port), 10, "the demo HTTP server")
-    checks = [
-        ("address (DHCP)", ["ip", "-4", "-o", "addr", "show", "dev", "eth0"]),
-        ("default route", ["ip", "-4", "route", "show", "default"]),
-        ("ping gateway", ["ping", "-c", "2", "-i", "0.2", "-W", "2", "192.168.127.1"]),
-        ("ping host alias .254", ["ping", "-c", "2", "-i", "0.2", "-W", "2", "192.168.127.254"]),
-        ("DNS built-in zone", ["dig", "+short", "+time=2", "+tries=1", "@192.168.127.1", "host.rancher-desktop.internal"]),
-        ("HTTP to host 127.0.0.1 via .254", ["curl", "-sS", "--max-time", "5", f"http://192.168.127.254:{port}/"]),
-    ]
-    ok = True
-    try:
-        for name, cmd in checks:
-            if not shutil.which(cmd[0]):
-                print(f"  [skip] {name}: {cmd[0]} not installed")
-                continue
-            res = subprocess.run(["ip", "netns", "exec", ns, *cmd], capture_output=True, text=True, timeout=20)
-            good = res.returncode == 0 and res.stdout.strip() != ""
-            ok &= good
-            first = (res.stdout.strip().splitlines() or [res.stderr.strip()])
-            detail = first[-1] if cmd[0] == "ping" else first[0]
-            print(f"  [{'ok' if good else 'FAIL'}] {name}: {detail}")
-    finally:
-        _stop(server)
-        shutil.rmtree(docroot, True)
-    return ok
 
 
 @contextlib.contextmanager

@@ -25,6 +25,9 @@ def run(cmd: list[str]) -> tuple[bool, str]:
         return False, "timed out"
     lines = res.stdout.strip().splitlines() or res.stderr.strip().splitlines() or [""]
     detail = lines[-1] if cmd[0] == "ping" else lines[0]
+    words = detail.split("\\")[0].split()
+    if cmd[0] == "ip" and "inet" in words:  # "3: eth0    inet 192.168.127.2/24 scope global eth0\ ..."
+        detail = f"{words[1].rstrip(':')} {words[words.index('inet') + 1]}"
     return res.returncode == 0 and bool(res.stdout.strip()), detail.strip()
 
 
@@ -38,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     veth_peer = VETH_HOST_ADDRESS.split("/")[0]
     checks: list[tuple[str, list[str] | None, object]] = [
         ("pid 1 of its own pid namespace", None, lambda: (os.getpid() == 1, f"pid {os.getpid()}")),
-        ("lease on eth0", ["ip", "-4", "-o", "addr", "show", "dev", "eth0"], f"inet {vm}/{net.prefixlen}"),
+        ("lease on eth0", ["ip", "-4", "-o", "addr", "show", "dev", "eth0"], f" {vm}/{net.prefixlen}"),
         ("default route via the gateway", ["ip", "-4", "route", "show", "default"], f"via {gw}"),
         ("ping the gateway", ["ping", "-c", "1", "-W", "2", gw], None),
         (f"ping {veth_peer} over the veth", ["ping", "-c", "1", "-W", "2", veth_peer], None),

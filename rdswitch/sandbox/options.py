@@ -49,6 +49,7 @@ class Options:
     offload: bool
     netns: str
     command: tuple[str, ...]  # empty: interactive shell or self-check, decided at run time
+    self_check: bool
     debug: bool
     stop_timeout: float
 
@@ -105,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="name of the namespace CMD runs in (default rdsbx-PID; NAME-vm is network-setup's)")
     s.add_argument("--stop-timeout", default="1", metavar="SECONDS",
                    help="seconds CMD gets after SIGTERM before SIGKILL at teardown (default 1)")
+    s.add_argument("--self-check", action="store_true",
+                   help="run the self-check as CMD even on a terminal (the default without CMD and terminal)")
     s.add_argument("--debug", action="store_true", help="verbose logs of every component on stderr")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ...: run CMD as the namespace's init")
     return p
@@ -162,6 +165,8 @@ def parse(argv: list[str], pid: int | None = None) -> Options:
         cmd = cmd[1:]
     elif cmd and cmd[0].startswith("-"):
         raise UsageError(f"unrecognized arguments: {cmd[0]}")
+    if cmd and ns.self_check:
+        raise UsageError("--self-check and a CMD exclude each other")
     try:
         subnet = ipaddress.IPv4Network(ns.subnet)
     except ValueError as exc:
@@ -181,7 +186,7 @@ def parse(argv: list[str], pid: int | None = None) -> Options:
     host_args = host_switch_flags(ns)
     check_host_flags(host_args)
     return Options(subnet=subnet, host_args=tuple(host_args), offload=ns.offload, netns=netns,
-                   command=tuple(cmd), debug=ns.debug, stop_timeout=stop_timeout)
+                   command=tuple(cmd), self_check=ns.self_check, debug=ns.debug, stop_timeout=stop_timeout)
 
 
 @attrs.frozen

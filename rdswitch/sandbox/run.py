@@ -156,7 +156,9 @@ async def stop(proc: trio.Process | None, timeout: float) -> None:
 
 
 class Sandbox:
-    def __init__(self, opts: Options, paths: Paths, init: list[str], self_check: bool) -> None:
+    def __init__(self, opts: Options, paths: Paths, init: list[str], self_check: bool,
+                 interactive: bool = False) -> None:
+        self.interactive = interactive
         self.opts = opts
         self.paths = paths
         self.init = init
@@ -268,6 +270,8 @@ class Sandbox:
         if len(what) > 60:
             what = what[:57] + "..."
         say(f"init: {what} is pid 1 of a new pid namespace (unshare pid {pid.strip()}, pid file {p.pid_file})")
+        if self.interactive:
+            say(f"a shell in namespace {self.opts.netns}; exit it to tear everything down")
 
     async def wait(self) -> int:
         """Wait for CMD (network-setup exits with its status); a dying host-switch ends the sandbox too."""
@@ -362,16 +366,17 @@ async def amain(opts: Options) -> int:
 
                 nursery.start_soon(on_signals)
                 init = list(opts.command)
-                self_check = False
+                self_check = interactive = False
                 if not init:
-                    if sys.stdin.isatty():
+                    if sys.stdin.isatty() and not opts.self_check:
                         init = [os.environ.get("SHELL") or "/bin/sh", "-i"]
+                        interactive = True
                     else:
                         self_check = True
                         port = await nursery.start(http_responder)
                         init = [sys.executable, "-m", "rdswitch.sandbox.check", "--subnet", str(opts.subnet),
                                 "--http-port", str(port)]
-                sb = Sandbox(opts, paths, init, self_check)
+                sb = Sandbox(opts, paths, init, self_check, interactive)
                 try:
                     await sb.prepare()
                     await sb.start()

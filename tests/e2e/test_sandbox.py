@@ -313,3 +313,20 @@ def test_bad_flags_exit_2_with_one_line(args, needle):
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in res.stderr, res.stderr
     assert "host-switch up" not in res.stderr and res.stdout == ""
     assert time.monotonic() - t0 < 15
+
+
+def test_self_check_without_cmd_or_tty(sandboxes, fake_dns):
+    """No CMD and stdin not a terminal: the self-check runs inside, every address from --subnet."""
+    sb = sandboxes("--subnet", "10.98.7.0/24", "--dns-upstream", fake_dns)
+    out, err = sb.communicate()
+    assert sb.proc.returncode == 0, (out, err)
+    assert "init: the self-check is pid 1" in err, err
+    assert "[FAIL]" not in out and "all checks passed" in out, out
+    oks = [ln for ln in out.splitlines() if "[ok]" in ln]
+    assert any("pid 1 of its own pid namespace" in ln for ln in oks), out
+    assert any("lease on eth0: eth0 10.98.7.2/24" in ln for ln in oks), out
+    assert any("via 10.98.7.1" in ln for ln in oks), out
+    assert any("DNS host.rancher-desktop.internal: 10.98.7.254" in ln for ln in oks), out
+    assert any("HTTP to the host's 127.0.0.1" in ln for ln in oks), out
+    assert "192.168.127." not in out + err
+    assert leftovers(sb, sb.tmpdir(), sb.pid_file()) == []
