@@ -167,6 +167,7 @@ class Sandbox:
         self.setup: trio.Process | None = None
         self.gate_fd = -1
         self.made_vm_netns = False
+        self.names_ours = False  # the names were free when we started: teardown may clean them up
         self.made_etc = False
         self.tty = sys.stdin.isatty()
 
@@ -209,14 +210,23 @@ class Sandbox:
     # -- the stages --
 
     async def prepare(self) -> None:
+        # /etc/netns/NAME is the claim on NAME: mkdir is atomic, so of two sandboxes given
+        # the same --netns exactly one goes on
+        taken = "(another sandbox with this --netns?)"
+        for attempt in range(3):
+            try:
+                os.makedirs(self.paths.etc_dir)
+                break
+            except FileExistsError:
+                raise StageError("namespace", f"{self.paths.etc_dir} exists already {taken}") from None
+            except FileNotFoundError:  # another sandbox removed an empty /etc/netns just then
+                if attempt == 2:
+                    raise
+        self.made_etc = True
         for name in (self.opts.netns, self.opts.vm_netns):
             if os.path.exists(f"/run/netns/{name}"):
-                raise StageError("namespace", f"network namespace {name} exists already "
-                                              "(another sandbox with this --netns?)")
-        if os.path.exists(self.paths.etc_dir):
-            raise StageError("namespace", f"{self.paths.etc_dir} exists already (another sandbox with this --netns?)")
-        os.makedirs(self.paths.etc_dir)
-        self.made_etc = True
+                raise StageError("namespace", f"network namespace {name} exists already {taken}")
+        self.names_ours = True
         with open(os.path.join(self.paths.etc_dir, "resolv.conf"), "w") as f:
             f.write(sbopts.resolv_conf(self.opts))
         host_nss = read_text("/etc/nsswitch.conf") or None
@@ -309,11 +319,13 @@ class Sandbox:
         await stop(self.setup, self.opts.stop_timeout + 8)
         await stop(self.host, 5)
         # last resort, if network-setup could not finish: nothing may stay behind
-        for pid in await trio.to_thread.run_sync(_pids_in_netns, self.opts.netns):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        if await trio.to_thread.run_sync(_netns_remove, self.opts.netns):
-            say(f"removed a leftover namespace {self.opts.netns}")
+        # (never when the names were taken at the start: they belong to someone else)
+        if self.names_ours:
+            for pid in await trio.to_thread.run_sync(_pids_in_netns, self.opts.netns):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            if await trio.to_thread.run_sync(_netns_remove, self.opts.netns):
+                say(f"removed a leftover namespace {self.opts.netns}")
         if self.made_vm_netns:
             await trio.to_thread.run_sync(_netns_remove, self.opts.vm_netns)  # takes veth-rd0 along
         if self.made_etc:

@@ -330,3 +330,47 @@ def test_self_check_without_cmd_or_tty(sandboxes, fake_dns):
     assert any("HTTP to the host's 127.0.0.1" in ln for ln in oks), out
     assert "192.168.127." not in out + err
     assert leftovers(sb, sb.tmpdir(), sb.pid_file()) == []
+
+
+WAIT_FOR_FILE = r"""
+echo ready
+i=0
+while [ ! -e "$1" ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done
+[ -e "$1" ] || exit 99
+ping -c 1 -W 2 192.168.1.1 >/dev/null && echo "ping-veth=ok"
+echo "alias=$(getent hosts host.rancher-desktop.internal | awk '{print $1}')"
+exit 5
+"""
+
+
+def test_two_sandboxes_at_once_and_a_taken_name(sandboxes, fake_dns, tmp_path):
+    """Two sandboxes both use the contract's veth-rd0 192.168.1.1 (each in its own namespace) and
+    work side by side; a third given a name in use fails clearly and leaves the owner alone."""
+    go = str(tmp_path / "go")
+    a = sandboxes("--dns-upstream", fake_dns, script=WAIT_FOR_FILE, params=(go,))
+    b = sandboxes("--dns-upstream", fake_dns, "--subnet", "10.97.0.0/24", script=WAIT_FOR_FILE, params=(go,))
+    read_until(a.proc, "ready", 60)
+    read_until(b.proc, "ready", 60)
+    for sb in (a, b):
+        res = nsutil.run(["ip", "-n", f"{sb.netns}-vm", "-4", "-o", "addr", "show", "dev", "veth-rd0"], check=False)
+        assert "192.168.1.1/24" in res.stdout, res
+
+    # the same --netns as a running sandbox: refused before anything is touched
+    res = subprocess.run([PY, "-m", "rdswitch", "sandbox", "--netns", a.netns, "--", "true"], capture_output=True,
+                         text=True, timeout=60, cwd=REPO, stdin=subprocess.DEVNULL)
+    assert res.returncode == 1, res
+    assert "stage 'namespace' failed" in res.stderr and a.netns in res.stderr and "exists already" in res.stderr, res
+    assert os.path.exists(f"/run/netns/{a.netns}") and os.path.exists(f"/etc/netns/{a.netns}/resolv.conf")
+    assert pids_with(a.marker), "the refused sandbox harmed the running one"
+
+    with open(go, "w"):
+        pass
+    results = [(sb, *sb.communicate()) for sb in (a, b)]
+    for sb, out, err in results:
+        assert sb.proc.returncode == 5, (out, err)
+        got = parse_kv(out)
+        assert got.get("ping-veth") == "ok", (out, err)
+    assert parse_kv(results[0][1]).get("alias") == "192.168.127.254"
+    assert parse_kv(results[1][1]).get("alias") == "10.97.0.254"
+    for sb, _, _ in results:
+        assert leftovers(sb, sb.tmpdir(), sb.pid_file()) == []
