@@ -85,7 +85,10 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m rdswitch sandbox [OPTIONS] [-- CMD ...]   (python -m rdswitch sandbox --help)")
         return 0
     if argv[0] == "sandbox":
-        from .sandbox.run import main as sandbox_main
+        try:
+            from .sandbox.run import main as sandbox_main
+        except KeyboardInterrupt:
+            return 130
         return sandbox_main(argv[1:])
     print(f"unknown command {argv[0]!r}; try: python -m rdswitch sandbox", file=sys.stderr)
     return 2

@@ -235,7 +235,9 @@ def network_setup_command(opts: Options, paths: Paths, init: list[str] | tuple[s
 
 
 def resolv_conf(opts: Options) -> str:
-    return f"# rdswitch sandbox: names go to the gateway's DNS\nnameserver {opts.gateway}\n"
+    text = f"# rdswitch sandbox: names go to the gateway's DNS\nnameserver {opts.gateway}\n"
+    search = [opts.host_args[i + 1] for i, a in enumerate(opts.host_args) if a == "--dns-search"]
+    return text + (f"search {' '.join(search)}\n" if search else "")
 
 
 def nsswitch_conf(host_text: str | None) -> str:

@@ -360,11 +360,11 @@ async def http_responder(task_status=trio.TASK_STATUS_IGNORED) -> None:
 
 
 async def amain(opts: Options) -> int:
-    paths = Paths(tmp=tempfile.mkdtemp(prefix="rdswitch-sandbox-"), netns=opts.netns)
     status = 1
     got_signal: int | None = None
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         sb: Sandbox | None = None
+        paths = Paths(tmp=tempfile.mkdtemp(prefix="rdswitch-sandbox-"), netns=opts.netns)
         try:
             async with trio.open_nursery() as nursery:
 
@@ -430,6 +430,8 @@ def main(argv: list[str]) -> int:
     except sbopts.UsageError as exc:
         print(f"{sbopts.PROG}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # ^C while the flags were checked: nothing started yet
+        return 130
     why = preflight()
     if why:
         print(f"{sbopts.PROG}: {why}", file=sys.stderr)
