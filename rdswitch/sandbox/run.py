@@ -246,7 +246,7 @@ class Sandbox:
         # terminal's foreground group, which an interactive shell needs for job control.
         group = {} if self.tty else {"process_group": 0}
         self.setup = await trio.lowlevel.open_process(cmd, stdin=None, **group)
-        await self.until("handshake", 15, lambda: os.path.exists(p.handshake_sock), "handshake socket",
+        await self.until("handshake", 30, lambda: os.path.exists(p.handshake_sock), "handshake socket",
                          (p.setup_log,))
         # host-switch's stderr goes to a file (its INFO lines are not for the terminal); a failure shows its tail
         with open(p.host_stderr, "w") as err:
@@ -254,7 +254,7 @@ class Sandbox:
             self.host = await trio.lowlevel.open_process(sbopts.host_switch_command(self.opts, p),
                                                          stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                                                          process_group=0)
-        await self.until("host-switch", 15, lambda: os.path.exists(p.host_sock), "listening socket", (p.host_log,))
+        await self.until("host-switch", 30, lambda: os.path.exists(p.host_sock), "listening socket", (p.host_log,))
         allow = [self.opts.host_args[i + 1] for i, a in enumerate(self.opts.host_args) if a == "--allow-outbound"]
         say(f"host-switch up: subnet {self.opts.subnet}, gateway {self.opts.gateway}, host alias "
             f"{self.opts.host_alias}, outbound allowed to {', '.join(allow)} (unix://{p.host_sock})")
@@ -321,7 +321,7 @@ class Sandbox:
         # last resort, if network-setup could not finish: nothing may stay behind
         # (never when the names were taken at the start: they belong to someone else)
         if self.names_ours:
-            for pid in await trio.to_thread.run_sync(_pids_in_netns, self.opts.netns):
+            for pid in _pids_in_netns(self.opts.netns):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             if await trio.to_thread.run_sync(_netns_remove, self.opts.netns):

@@ -216,14 +216,15 @@ def assert_stages_in_order(err: str) -> None:
 
 
 @pytest.mark.parametrize("subnet,status", [(None, 0), ("10.99.0.0/24", 7)])
-def test_sandbox_real_path(sandboxes, fake_dns, http_server, subnet, status):
+def test_sandbox_real_path(sandboxes, fake_dns, http_server, tmp_path, subnet, status):
     port, token = http_server
     base = (subnet or "192.168.127.0/24").rsplit(".", 1)[0]
     gw, vm, alias = f"{base}.1", f"{base}.2", f"{base}.254"
     contract_links_before = root_links() & {"veth-rd0", "veth-rd1"}
     args = ["--allow-outbound", "127.0.0.0/8", "--dns-upstream", fake_dns, "--dns-record", "extra.sandbox.test=10.1.2.3"]
+    capture = str(tmp_path / "frames.pcap")
     if subnet:
-        args += ["--subnet", subnet]
+        args += ["--subnet", subnet, "--capture", capture]
     sb = sandboxes(*args, script=INSIDE, params=(gw, alias, str(port), str(status)))
     out, err = sb.communicate()
     assert sb.proc.returncode == status, (out, err)
@@ -244,6 +245,8 @@ def test_sandbox_real_path(sandboxes, fake_dns, http_server, subnet, status):
     tmpdir, pid_file = sb.tmpdir(), sb.pid_file()
     assert pid_file.startswith(tmpdir + "/")
     assert leftovers(sb, tmpdir, pid_file) == []
+    if subnet:  # --capture passed through: the frames of the session (DHCP, ARP, pings, DNS, TCP)
+        assert os.path.getsize(capture) > 1000
     # the contract's veth pair lived in the sandbox's namespaces, never on the host
     assert root_links() & {"veth-rd0", "veth-rd1"} == contract_links_before
 
@@ -275,7 +278,10 @@ def test_sigterm_mid_command_leaves_nothing(sandboxes, trap):
     # mid-command: everything is up
     setup_args = next(a for a in map(cmdline, child_pids(sb.proc.pid)) if "rdswitch.network_setup" in a)
     running_pid_file = setup_args[setup_args.index("--pid-file") + 1]
-    assert read_pid(running_pid_file) in live_pids(), "the pid file does not name a live process"
+    # the pid file names unshare, whose child is the command (pid 1 inside)
+    init_pid = read_pid(running_pid_file)
+    assert init_pid in live_pids() and cmdline(init_pid)[0] == "unshare", cmdline(init_pid or 0)
+    assert any(sb.marker in " ".join(cmdline(k)) for k in child_pids(init_pid)), child_pids(init_pid)
     assert os.path.exists(f"/run/netns/{sb.netns}") and os.path.exists(f"/run/netns/{sb.netns}-vm")
     assert os.path.exists(f"/etc/netns/{sb.netns}/resolv.conf")
     assert nsutil.run(["ip", "-n", f"{sb.netns}-vm", "link", "show", "veth-rd0"], check=False).returncode == 0
