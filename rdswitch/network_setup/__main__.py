@@ -50,6 +50,7 @@ class State:
     init: trio.Process | None = None
     pid_file_written: bool = False
     exit_code: int = 0
+    init_status: int | None = None  # init's exit status when it ended on its own
 
 
 def write_pid_file(path: str, pid: int) -> None:
@@ -90,7 +91,10 @@ async def start_vm_switch(opts: Options, st: State) -> None:
     cmd = vm_switch_command(opts, st.data_fd)
     log.info("starting vm-switch: %s", " ".join(cmd))
     try:
-        st.vm_switch = await trio.lowlevel.open_process(cmd, pass_fds=(st.data_fd,), stdin=subprocess.DEVNULL)
+        # --init-foreground: the terminal belongs to init; vm-switch logs to its log file only
+        quiet = subprocess.DEVNULL if opts.init_foreground and opts.vm_switch_logfile else None
+        st.vm_switch = await trio.lowlevel.open_process(cmd, pass_fds=(st.data_fd,), stdin=subprocess.DEVNULL,
+                                                        stdout=quiet, stderr=quiet)
     except OSError as exc:
         raise SetupError(f"cannot start vm-switch ({' '.join(cmd)}): {exc}") from None
     os.close(st.data_fd)  # vm-switch owns the connection now
@@ -126,7 +130,7 @@ async def setup(opts: Options, st: State) -> None:
     if cmd is not None:
         log.info("starting init: %s", " ".join(cmd))
         try:
-            st.init = await trio.lowlevel.open_process(cmd, stdin=subprocess.DEVNULL)
+            st.init = await trio.lowlevel.open_process(cmd, stdin=None if opts.init_foreground else subprocess.DEVNULL)
         except OSError as exc:
             raise SetupError(f"cannot start init: {exc}") from None
         if opts.pid_file:
@@ -160,7 +164,7 @@ async def run(opts: Options, st: State) -> None:
     assert st.vm_switch is not None
     async with trio.open_nursery() as nursery:
         if st.init is not None:
-            nursery.start_soon(watch_init, st.init, nursery.cancel_scope)
+            nursery.start_soon(watch_init, st, opts.init_foreground, nursery.cancel_scope)
         while True:
             code = await st.vm_switch.wait()
             # The host-switch went away (restarted, say): keep the namespace and the
@@ -177,10 +181,14 @@ async def run(opts: Options, st: State) -> None:
     st.exit_code = 1
 
 
-async def watch_init(proc: trio.Process, scope: trio.CancelScope) -> None:
+async def watch_init(st: State, foreground: bool, scope: trio.CancelScope) -> None:
     """The distro's init ending ends network-setup: there is nothing left to network."""
+    proc = st.init
     code = await proc.wait()
-    log.warning("init (unshare, pid %d) exited with status %s; shutting down", proc.pid, code)
+    st.init_status = code if code >= 0 else 128 - code
+    # with --init-foreground init ending is the normal end, not news for the terminal
+    log.log(logging.INFO if foreground else logging.WARNING,
+            "init (unshare, pid %d) exited with status %s; shutting down", proc.pid, code)
     scope.cancel()
 
 
@@ -235,6 +243,8 @@ async def amain(opts: Options) -> int:
         finally:
             with trio.CancelScope(shield=True):
                 await teardown(opts, st)
+    if opts.init_foreground and st.init_status is not None:
+        st.exit_code = st.init_status
     log.info("network-setup done (exit %d)", st.exit_code)
     return st.exit_code
 

@@ -47,7 +47,7 @@ UNSHARE_PREFIX = ("unshare", "--pid", "--mount-proc", "--fork", "--propagation",
 LONG_FLAGS = {
     "debug", "tap-interface", "subnet", "tap-mac-address", "vm-switch-path", "vm-switch-logfile", "vm-switch-offload", "unshare-arg",
     "logfile", "handshake-listen", "host-url", "netns", "veth-host-name", "veth-ns-name", "veth-host-address",
-    "veth-ns-address", "pid-file", "stop-timeout", "dial-attempts",
+    "veth-ns-address", "pid-file", "stop-timeout", "dial-attempts", "init-foreground",
 }
 
 # Linux interface names: 1..15 bytes, no '/', no whitespace, not "." or "..".
@@ -77,6 +77,7 @@ class Options:
     stop_timeout: float
     dial_attempts: int
     offload: bool = False
+    init_foreground: bool = False
 
 
 def check_ifname(name: str, flag: str) -> str:
@@ -148,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-timeout", default=str(DEFAULT_STOP_TIMEOUT),
                    help=f"seconds children get to exit after SIGTERM before SIGKILL (default {DEFAULT_STOP_TIMEOUT:g})")
     p.add_argument("--dial-attempts", default="10", help="tries (0.5 s apart) to dial the host after READY (default 10)")
+    p.add_argument("--init-foreground", action="store_true",
+                   help="give init this process's stdin (a terminal for an interactive shell), keep vm-switch off "
+                        "stdout/stderr, and exit with init's status when it ends (what 'python -m rdswitch sandbox' uses)")
     return p
 
 
@@ -206,6 +210,7 @@ def validate(ns: argparse.Namespace) -> Options:
         pid_file=ns.pid_file or None,
         stop_timeout=_parse_float(ns.stop_timeout, "--stop-timeout", 0, 600),
         dial_attempts=dial_attempts,
+        init_foreground=ns.init_foreground,
     )
 
 
