@@ -10,6 +10,7 @@ not use it.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import os
 import signal
 import subprocess

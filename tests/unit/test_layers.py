@@ -8,7 +8,8 @@ Layers, bottom up (docs/architecture.md):
 3. trio building blocks: ``aio/``, ``netlink``
 4. the handshake (both sides)
 5. the processes: ``host/``, ``vm/``, ``network_setup/``, ``wsl_proxy/``, ``ctl/``
-6. the sandbox that composes the processes: ``rdswitch/__main__``, ``sandbox/``
+6. the sandbox that composes the processes: ``sandbox/``
+7. the ``rdswitch`` command: ``rdswitch/__main__``
 
 A module imports only from its own unit or from units of lower layers, and
 the processes do not import each other.
@@ -33,7 +34,8 @@ LAYERS: list[set[str]] = [
     {"aio", "netlink"},
     {"handshake"},
     {"host", "vm", "network_setup", "wsl_proxy", "ctl"},
-    {"__main__", "sandbox"},
+    {"sandbox"},
+    {"__main__"},
 ]
 LAYER_OF = {unit: i for i, units in enumerate(LAYERS) for unit in units}
 
