@@ -20,12 +20,12 @@ from typing import Awaitable, Callable
 
 import trio
 
-from ..aio.tasks import pipe
 from ..aio.tcp_stream import SocketInfo, VirtualTcpStream
 from ..logs import describe
 from ..stack import nat as core_mod
 from ..stack.nat import NatCore, TcpFlow, UdpEndpoint, UdpFlow
 from ..wire import icmp
+from .bridge import HostBridge
 from .session import Session
 
 log = logging.getLogger("rdswitch.nat")
@@ -45,17 +45,6 @@ def add_nat_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-udp-flows", type=int, default=1024, help="UDP flows (host sockets) per session")
     g.add_argument("--max-tcp-flows", type=int, default=4096, help="TCP flows (host sockets) per session")
     g.add_argument("--tcp-buffer", type=int, default=0, help="per-flow TCP buffer bytes (0: derived from the MTU)")
-
-
-async def dial_tcp(ip: str, port: int) -> trio.SocketStream:
-    """Connect to an IP literal (no name lookup); OSError keeps its errno (ECONNREFUSED, ...)."""
-    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        await sock.connect((ip, port))
-    except BaseException:
-        sock.close()
-        raise
-    return trio.SocketStream(sock)
 
 
 class NatShell:
@@ -93,7 +82,7 @@ class NatShell:
         """One gateway event of ``session``'s VM (sync, on the frame path): decide, then act."""
         for action in self.core.handle(session.id, event, now):
             try:
-                self._act(session, action)
+                self._act(session, action, now)
             except Exception:  # noqa: BLE001 - a bug in one flow must not end the session
                 session.counters.drop("nat-error")
                 log.exception("%r: error carrying out %s", session, type(action).__name__)
@@ -106,13 +95,12 @@ class NatShell:
                 if stream is not None:
                     stream.flush()
 
-    def _act(self, session: Session, action) -> None:
+    def _act(self, session: Session, action, now: float) -> None:
         kind = type(action)
         if kind is core_mod.UdpSend:
             self._udp_send(session, action.flow, action.payload)
         elif kind is core_mod.Dial:
-            action.flow.handle = trio.CancelScope()  # cancelled by CancelDial
-            session.nursery.start_soon(self._tcp_flow, session, action.flow)
+            self._dial(session, action.flow, now)
         elif kind is core_mod.CancelDial:
             scope = action.flow.handle
             if isinstance(scope, trio.CancelScope):
@@ -161,44 +149,78 @@ class NatShell:
         finally:
             stream.abort_if_open()
 
-    async def _tcp_flow(self, session: Session, flow: TcpFlow) -> None:
-        core = self.core
+    def _dial(self, session: Session, flow: TcpFlow, now: float) -> None:
+        """Connect to the host for a VM's SYN: inline when the kernel completes it at once (loopback
+        often does), otherwise in a task of the session; the VM hears SYN-ACK or RST only then."""
+        try:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        except OSError as exc:
+            log.warning("%r: cannot open a socket for %s:%d: %s", session, *flow.dst, exc)
+            self.core.dial_done(flow, "failed", now)
+            return
+        sock.setblocking(False)
+        err = sock.connect_ex(flow.dst)
+        if err == 0:
+            bridge = self._connected(session, flow, sock, now)
+            if bridge is not None:
+                session.nursery.start_soon(self._run_bridge, session, flow, bridge)
+        elif err in (errno.EINPROGRESS, errno.EAGAIN):
+            flow.handle = trio.CancelScope()  # cancelled by CancelDial
+            session.nursery.start_soon(self._tcp_flow, session, flow, sock)
+        else:
+            sock.close()
+            log.debug("%r: dial %s:%d failed: %s", session, *flow.dst, errno.errorcode.get(err, err))
+            self.core.dial_done(flow, "refused" if err == errno.ECONNREFUSED else "failed", now)
+
+    def _connected(self, session: Session, flow: TcpFlow, sock: socket.socket, now: float) -> HostBridge | None:
+        conn = self.core.dial_done(flow, None, now)
+        if conn is None:  # the VM gave up meanwhile, or its session is gone
+            sock.close()
+            return None
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # the VM's stack already decided when to send
+        except OSError:
+            pass
+        bridge = HostBridge(conn, sock, functools.partial(self.core.transmit, flow), session.counters)
+        flow.handle = bridge
+        bridge.sync()  # the SYN-ACK
+        return bridge
+
+    async def _tcp_flow(self, session: Session, flow: TcpFlow, sock: socket.socket) -> None:
+        """Finish a dial that did not complete at once, then serve the flow."""
         scope: trio.CancelScope = flow.handle
-        dst_ip, dst_port = flow.dst
-        host_stream = None
         failure = "timeout"
         try:
-            with scope, trio.move_on_after(core.policy.connect_timeout):
-                host_stream = await dial_tcp(dst_ip, dst_port)
-        except OSError as exc:
-            failure = "refused" if exc.errno == errno.ECONNREFUSED else "failed"
-            log.debug("%r: dial %s:%d failed: %s", session, dst_ip, dst_port, exc)
+            with scope, trio.move_on_after(self.core.policy.connect_timeout):
+                await trio.lowlevel.wait_writable(sock)
+                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                failure = None if err == 0 else ("refused" if err == errno.ECONNREFUSED else "failed")
+                if err:
+                    log.debug("%r: dial %s:%d failed: %s", session, *flow.dst, errno.errorcode.get(err, err))
+        except BaseException:
+            sock.close()
+            raise
         if scope.cancelled_caught:
             failure = "abandoned"
         now = trio.current_time()
-        if host_stream is None:
-            core.dial_done(flow, failure, now)
+        if failure is not None:
+            sock.close()
+            self.core.dial_done(flow, failure, now)
             return
-        conn = core.dial_done(flow, None, now)
-        if conn is None:  # the VM gave up meanwhile
-            await host_stream.aclose()
-            return
-        stream = self._stream(flow)
+        bridge = self._connected(session, flow, sock, now)
+        if bridge is not None:
+            await self._run_bridge(session, flow, bridge)
+
+    async def _run_bridge(self, session: Session, flow: TcpFlow, bridge: HostBridge) -> None:
         counters = session.counters.values
         counters["tcp_flows_open"] += 1
         try:
-            async with host_stream:
-                stream.flush()  # the SYN-ACK
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(stream.timer_loop)
-                    await pipe(stream, host_stream)
-                    nursery.cancel_scope.cancel()
+            await bridge.run()
         except Exception as exc:  # noqa: BLE001 - one flow's failure never ends another
-            log.debug("%r: flow %s:%d ended: %s", session, dst_ip, dst_port, describe(exc))
+            log.debug("%r: flow %s:%d ended: %s", session, *flow.dst, describe(exc))
         finally:
             counters["tcp_flows_open"] -= 1
-            stream.abort_if_open()
-            core.flow_closed(flow)
+            self.core.flow_closed(flow)
 
     async def open_tcp(self, session: Session, vm_mac: bytes, vm_ip: bytes, vm_port: int, *,
                        timeout: float = 10.0) -> VirtualTcpStream:
