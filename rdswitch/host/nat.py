@@ -24,8 +24,8 @@ from ..aio.tcp_stream import SocketInfo, VirtualTcpStream
 from ..logs import describe
 from ..stack import nat as core_mod
 from ..stack.nat import NatCore, TcpFlow, UdpEndpoint, UdpFlow
-from ..wire import icmp
 from .bridge import HostBridge
+from .ping import PING_TIMEOUT, Pinger, ping_once
 from .session import Session
 
 log = logging.getLogger("rdswitch.nat")
@@ -53,6 +53,7 @@ class NatShell:
         self.dns = dns
         self.sessions: dict[int, Session] = {}
         self.services: dict[int, Handler] = {}
+        self.pingers: dict[int, Pinger | None] = {}  # session id -> its ping socket (None: raw sockets)
 
     def add_local_service(self, port: int, handler: Handler) -> None:
         """Serve TCP ``port`` on the gateway IP inside the network; each connection runs in its VM's session."""
@@ -69,6 +70,7 @@ class NatShell:
     def session_closed(self, session: Session) -> None:
         """Forget the session's flows; reset their streams (their tasks end with the session nursery)."""
         self.sessions.pop(session.id, None)
+        self.pingers.pop(session.id, None)  # its task ends with the session nursery
         for flow in self.core.close_session(session.id):
             if isinstance(flow.handle, VirtualTcpStream):
                 flow.handle.abort_if_open()
@@ -117,7 +119,7 @@ class NatShell:
             else:
                 session.nursery.start_soon(self._dns_query, action)
         elif kind is core_mod.Ping:
-            session.nursery.start_soon(self._ping, session, action)
+            self._ping(session, action, now)
         elif kind is core_mod.OffloadChanged:
             log.info("%r: offload %s (partial checksums, %d-byte TCP segments)", session,
                      "on" if action.offload else "off", core_mod.TSO_MSS)
@@ -333,10 +335,21 @@ class NatShell:
         finally:
             self.core.dns_done(q.sid)
 
-    async def _ping(self, session: Session, ping: core_mod.Ping) -> None:
+    def _ping(self, session: Session, ping: core_mod.Ping, now: float) -> None:
+        pinger = self.pingers.get(session.id)
+        if pinger is None and session.id not in self.pingers:
+            pinger = self.pingers[session.id] = Pinger.open(self.core)
+            if pinger is not None:
+                session.nursery.start_soon(pinger.run)
+        if pinger is not None:
+            pinger.send(ping, now)
+        else:
+            session.nursery.start_soon(self._raw_ping, ping)
+
+    async def _raw_ping(self, ping: core_mod.Ping) -> None:
         failure = None
         try:
-            reply = await ping_once(ping.dst, ping.msg, timeout=5.0)
+            reply = await ping_once(ping.dst, ping.msg, timeout=PING_TIMEOUT)
             if reply is None:
                 failure = "no-reply"
             else:
@@ -346,37 +359,3 @@ class NatShell:
             log.debug("ping %s failed: %s", ping.dst, exc)
         finally:
             self.core.ping_done(ping, failure)
-
-
-async def ping_once(dst: str, msg: icmp.IcmpMessage, timeout: float) -> bytes | None:
-    """Send one echo request from the host; return the real reply's payload or None.
-
-    Uses an unprivileged ping socket (Linux: the kernel picks the identifier
-    and matches replies); falls back to a raw socket where those are not
-    allowed.  Some systems (macOS) include the IP header on either kind, so it
-    is stripped whenever present.
-    """
-    try:
-        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
-        raw = False
-    except OSError:
-        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
-        raw = True
-    with sock:
-        ident = msg.ident if raw else 0
-        request = icmp.build(icmp.IcmpMessage(icmp.ECHO_REQUEST, 0, (ident << 16) | msg.seq, msg.payload))
-        await sock.sendto(request, (dst, 0))
-        with trio.move_on_after(timeout):
-            while True:
-                data, addr = await sock.recvfrom(65535)
-                if addr[0] != dst:
-                    continue
-                if data and data[0] >> 4 == 4 and len(data) >= 20:  # an IP header first (raw, or macOS)
-                    data = data[(data[0] & 0xF) * 4:]
-                try:
-                    reply = icmp.parse(data)
-                except ValueError:
-                    continue
-                if reply.type == icmp.ECHO_REPLY and reply.seq == msg.seq and (not raw or reply.ident == ident):
-                    return bytes(reply.payload)
-    return None
