@@ -170,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if argv[0] == "sandbox":
         return sandbox(argv[1:])
+    if argv[0] == "ctl":
+        from .ctl.__main__ import main as ctl_main
+        return ctl_main(argv[1:])
     print(f"unknown command {argv[0]!r}; try: python -m rdswitch sandbox", file=sys.stderr)
     return 2
 
