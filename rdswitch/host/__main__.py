@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "it is always served inside the network on gateway:80")
     p.add_argument("--port-forward", action="append", default=[], metavar="LOCAL=REMOTE",
                    help="static forward at start, e.g. 127.0.0.1:2222=192.168.127.2:22 (append /udp for UDP)")
-    p.add_argument("--capture", default=None, metavar="FILE", help="write every frame to this pcap file")
+    p.add_argument("--capture", default=None, metavar="FILE", help="write every frame to this pcap file, live ('-': stdout, e.g. | wireshark -k -i -)")
     add_nat_arguments(p)
     dns_server.add_arguments(p)
     return p
@@ -111,6 +111,7 @@ async def amain(args: argparse.Namespace) -> int:
     dns = dns_server.from_args(args, args.net)
     hs = HostSwitch(args.net, capture=args.capture, search_domains=dns.search_domains)
     async with trio.open_nursery() as nursery:
+        if hs.capture: nursery.start_soon(hs.capture.run)  # noqa: E701 - writes the capture's tail while idle
         hs.stack = NetStack(hs, args.nat_policy, dns=dns)
         await nursery.start(hs.stack.run)
         forwarder = Forwarder(hs.stack)
