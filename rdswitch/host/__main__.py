@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--handshake", action="append", default=[], metavar="URL",
                    help="find the VM by the vsock handshake at these URLs (port 6669 of each candidate), then tell "
                         "it READY so it dials a --listen URL; e.g. vsock://3:6669 or unix:///run/rd-handshake.sock")
-    p.add_argument("--framing", default="stdio", help="stdio (16-bit LE length, default), qemu, bess, vfkit")
+    p.add_argument("--framing", default="stdio", help="stdio (16-bit LE length, default), qemu (QEMU -netdev stream/socket), bess, vfkit or dgram (unix datagrams; QEMU -netdev dgram)")
     p.add_argument("--subnet", default="192.168.127.0/24", help="virtual subnet; gateway .1, VM .2, host alias .254")
     p.add_argument("--mtu", default="1500", help="MTU announced by DHCP (576..65521)")
     p.add_argument("--gateway-mac", default="5a:94:ef:e4:0c:dd")
