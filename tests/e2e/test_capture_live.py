@@ -10,7 +10,6 @@ import threading
 
 import pytest
 
-import nsutil
 from testbed import REPO, VM, free_port, stop, wait_until
 
 PCAP_MAGIC = 0xA1B2C3D4

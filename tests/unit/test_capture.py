@@ -42,7 +42,7 @@ def test_header_is_on_disk_at_once_and_first_batch_immediately(tmp_path):
         cap.close()
 
 
-def test_batch_within_interval_waits_for_flush_then_is_there(tmp_path, monkeypatch):
+def test_batch_within_interval_waits_for_flush_then_is_there(tmp_path):
     path = tmp_path / "c.pcap"
     cap = Capture(str(path))
     try:
