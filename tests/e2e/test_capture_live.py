@@ -109,3 +109,41 @@ def test_capture_to_stdout_streams_pcap(bed, tmp_path):
     res = subprocess.run(["tshark", "-r", snap], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert "DHCP" in res.stdout
+
+
+def test_capture_to_stdout_piped_into_tshark(bed, tmp_path):
+    """The use case itself: ``host-switch --capture - | tshark -i -`` decodes frames while the switch runs."""
+    sock = str(tmp_path / "hs.sock")
+    args = [sys.executable, "-m", "rdswitch.host", "--listen", f"unix://{sock}", "--logfile", str(tmp_path / "hs.log"),
+            "--allow-outbound", "127.0.0.0/8", "--dns-upstream", f"127.0.0.1:{free_port(kind=socket.SOCK_DGRAM)}",
+            "--capture", "-"]
+    hs = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=REPO)
+    tshark = subprocess.Popen(["tshark", "-l", "-n", "-i", "-", "-Y", "icmp", "-T", "fields", "-e", "ip.src",
+                               "-e", "ip.dst", "-e", "_ws.col.Info"],
+                              stdin=hs.stdout, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    hs.stdout.close()  # tshark holds the pipe now
+    lines: list[str] = []
+
+    def read_lines():
+        for line in tshark.stdout:
+            lines.append(line)
+
+    reader = threading.Thread(target=read_lines, daemon=True)
+    reader.start()
+    try:
+        wait_until(lambda: os.path.exists(sock) or hs.poll() is not None, 15, "host-switch socket")
+        assert hs.poll() is None
+
+        class _Hs:  # what testbed.VM needs of a host-switch
+            url = f"unix://{sock}"
+
+        vm = VM(bed.namespace(), _Hs(), str(tmp_path), "5a:94:ef:e4:0c:ee", [])
+        bed._stack.callback(vm.kill)
+        vm.wait_address()
+        assert "2 received" in vm.run(["ping", "-c", "2", "-i", "0.2", "-W", "2", "192.168.127.1"]).stdout
+        wait_until(lambda: has_echo_pair("".join(lines)), 20, "tshark -i - decoding the echo request and reply")
+        assert hs.poll() is None and tshark.poll() is None
+    finally:
+        stop(hs)
+        stop(tshark)
+        reader.join(5)
