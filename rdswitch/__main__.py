@@ -83,7 +83,8 @@ def open_sandbox(*, mtu: str = "1500", subnet: str = "192.168.127.0/24", allow=(
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: python -m rdswitch sandbox [OPTIONS] [-- CMD ...]   (python -m rdswitch sandbox --help)")
+        print("usage: rdswitch sandbox [OPTIONS] [-- CMD ...]   (rdswitch sandbox --help)\n"
+              "       rdswitch ctl --api URL {expose,unexpose,list,leases,dns,stats} ...   (rdswitch ctl --help)")
         return 0
     if argv[0] == "sandbox":
         try:
@@ -91,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             return 130
         return sandbox_main(argv[1:])
+    if argv[0] == "ctl":
+        from .ctl.__main__ import main as ctl_main
+        return ctl_main(argv[1:])
     print(f"unknown command {argv[0]!r}; try: python -m rdswitch sandbox", file=sys.stderr)
     return 2
 

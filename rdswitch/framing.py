@@ -7,7 +7,9 @@ SPEC.md "Framing on the data connection":
   little-endian integer.
 * ``qemu``: 32-bit big-endian length prefix.
 * ``bess`` (SOCK_SEQPACKET) and ``vfkit`` (SOCK_DGRAM; the peer first sends
-  the datagram ``VFKT``): one frame per datagram, no prefix.
+  the datagram ``VFKT``): one frame per datagram, no prefix.  ``dgram`` is
+  another name for ``vfkit``: QEMU's ``-netdev dgram`` sends frames without
+  the hello, which the listener accepts too (the first frame opens the link).
 
 :class:`StreamDecoder` turns a byte stream into frames for the two stream
 framings; :func:`encode` does the reverse for a whole batch at once, so a
@@ -29,7 +31,7 @@ from rdswitch.config import ConfigError
 FRAMINGS: tuple[str, ...] = ("stdio", "qemu", "bess", "vfkit")
 STREAM_FRAMINGS: tuple[str, ...] = ("stdio", "qemu")
 DATAGRAM_FRAMINGS: tuple[str, ...] = ("bess", "vfkit")
-ALIASES: dict[str, str] = {"hyperkit": "stdio"}
+ALIASES: dict[str, str] = {"hyperkit": "stdio", "dgram": "vfkit"}
 
 #: The datagram a vfkit peer sends first (SPEC.md).
 VFKIT_HELLO = b"VFKT"

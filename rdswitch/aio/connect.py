@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import logging
 import os
 import socket as _stdsocket
 import stat
@@ -18,7 +19,7 @@ import attrs
 import trio
 
 from rdswitch.config import ConfigError
-from rdswitch.framing import MAX_FRAME, STREAM_FRAMINGS, VFKIT_HELLO, validate_framing
+from rdswitch.framing import MAX_FRAME, STREAM_FRAMINGS, VFKIT_HELLO, FramingError, check_datagram, validate_framing
 from rdswitch.urls import Endpoint, parse_url
 from rdswitch.aio.links import (
     DatagramFrameLink,
@@ -30,6 +31,8 @@ from rdswitch.aio.links import (
 )
 
 __all__ = ["StreamListener", "FrameListener", "listen", "listen_stream", "dial", "dial_stream"]
+
+log = logging.getLogger("rdswitch.aio")
 
 
 def _new_socket(family: int, type_: int) -> _stdsocket.socket:
@@ -121,7 +124,13 @@ class _SeqpacketListener(FrameListener):
 
 
 class _VfkitListener(FrameListener):
-    """A bound SOCK_DGRAM socket: the first peer that sends VFKT gets the link."""
+    """A bound SOCK_DGRAM socket: the first peer with an address gets the link.
+
+    A vfkit peer opens with the datagram ``VFKT``; QEMU's ``-netdev dgram``
+    sends a frame straight away, which becomes the link's first frame.  A
+    sender without an address of its own (an unbound socket) cannot be
+    answered and is ignored.
+    """
 
     def __init__(self, sock: _stdsocket.socket, endpoint: Endpoint, unlink_path: str | None):
         self._sock = sock
@@ -129,6 +138,7 @@ class _VfkitListener(FrameListener):
         self.url = str(endpoint)
         self._unlink = _unlink_token(unlink_path)
         self._handed_out = False
+        self._warned_unbound = False
 
     async def accept(self) -> FrameLink:
         if self._handed_out:
@@ -136,15 +146,26 @@ class _VfkitListener(FrameListener):
             await trio.sleep_forever()
         while True:
             data, addr = await self._tsock.recvfrom(MAX_FRAME + 1)
-            if data == VFKIT_HELLO and addr:
+            if not addr:
+                if not self._warned_unbound:
+                    self._warned_unbound = True
+                    log.warning("%s: ignoring datagrams from an unbound socket (no address to answer; "
+                                "QEMU needs local.type=unix,local.path=...)", self.url)
+                continue
+            if data == VFKIT_HELLO:
+                first: list[bytes] = []
                 break
-            # Frames from a peer that never said hello are dropped.
+            try:
+                first = [check_datagram(data)]
+            except FramingError:
+                continue  # an empty or oversized datagram opens nothing
+            break
         self._sock.connect(addr)
         self._handed_out = True
         _tune_data_socket(self._sock)
         name = addr.decode(errors="replace") if isinstance(addr, bytes) else addr
         peer = "unix://" + (("@" + name[1:]) if name.startswith("\0") else name)
-        return DatagramFrameLink(self._sock, "vfkit", peer=peer)
+        return DatagramFrameLink(self._sock, "vfkit", peer=peer, first_frames=first)
 
     async def aclose(self) -> None:
         if not self._handed_out:

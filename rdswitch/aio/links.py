@@ -296,10 +296,12 @@ class SocketFrameLink(FrameLink):
 class DatagramFrameLink(FrameLink):
     """bess (SOCK_SEQPACKET) or vfkit (SOCK_DGRAM): one frame per datagram.
 
-    The socket must be connected (the peer's address fixed).
+    The socket must be connected (the peer's address fixed).  ``first_frames``
+    are returned by the first receive_batch (frames read while accepting).
     """
 
-    def __init__(self, sock: _stdsocket.socket, framing: str, *, peer: str = "datagram", max_frame: int = MAX_FRAME):
+    def __init__(self, sock: _stdsocket.socket, framing: str, *, peer: str = "datagram", max_frame: int = MAX_FRAME,
+                 first_frames: list[bytes] | None = None):
         self.framing = validate_framing(framing)
         if self.framing in STREAM_FRAMINGS:
             raise ConfigError(f"framing {self.framing!r} needs a byte stream, not a datagram socket")
@@ -311,6 +313,8 @@ class DatagramFrameLink(FrameLink):
         self._send_lock = trio.StrictFIFOLock()
         self._closed = False
         self._eof = False
+        # frames the listener read before the link existed (a QEMU dgram peer's first frame)
+        self._first = list(first_frames or ())
 
     def _check(self, data: bytes) -> bytes:
         return check_datagram(data, self.max_frame)
@@ -319,6 +323,10 @@ class DatagramFrameLink(FrameLink):
         if self._eof:
             await trio.lowlevel.checkpoint()
             return []
+        if self._first:
+            frames, self._first = self._first, []
+            await trio.lowlevel.checkpoint()
+            return frames
         size = self.max_frame + 1  # a longer datagram shows up as too large
         frames: list[bytes] = []
         try:

@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--handshake", action="append", default=[], metavar="URL",
                    help="find the VM by the vsock handshake at these URLs (port 6669 of each candidate), then tell "
                         "it READY so it dials a --listen URL; e.g. vsock://3:6669 or unix:///run/rd-handshake.sock")
-    p.add_argument("--framing", default="stdio", help="stdio (16-bit LE length, default), qemu, bess, vfkit")
+    p.add_argument("--framing", default="stdio", help="stdio (16-bit LE length, default), qemu (QEMU -netdev stream/socket), bess, vfkit or dgram (unix datagrams; QEMU -netdev dgram)")
     p.add_argument("--subnet", default="192.168.127.0/24", help="virtual subnet; gateway .1, VM .2, host alias .254")
     p.add_argument("--mtu", default="1500", help="MTU announced by DHCP (576..65521)")
     p.add_argument("--gateway-mac", default="5a:94:ef:e4:0c:dd")
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "it is always served inside the network on gateway:80")
     p.add_argument("--port-forward", action="append", default=[], metavar="LOCAL=REMOTE",
                    help="static forward at start, e.g. 127.0.0.1:2222=192.168.127.2:22 (append /udp for UDP)")
-    p.add_argument("--capture", default=None, metavar="FILE", help="write every frame to this pcap file")
+    p.add_argument("--capture", default=None, metavar="FILE", help="write every frame to this pcap file, live ('-': stdout, e.g. | wireshark -k -i -)")
     add_nat_arguments(p)
     dns_server.add_arguments(p)
     return p
@@ -108,6 +108,8 @@ async def amain(args: argparse.Namespace) -> int:
                            search_domains=dns.search_domains())
     async with trio.open_nursery() as nursery:
         nursery.start_soon(dns.keep_search_domains, hs.dhcp.set_search_domains)
+        if hs.capture:
+            nursery.start_soon(hs.capture.run)  # writes the capture's tail while the network is idle
         forwarder = Forwarder(hs)
         await nursery.start(forwarder.run)
         api = ApiServer(create_app(hs, forwarder, dns))

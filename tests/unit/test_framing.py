@@ -136,6 +136,7 @@ def test_validate_framing():
     assert validate_framing("hyperkit") == "stdio"
     assert validate_framing(" QEMU ") == "qemu"
     assert set(FRAMINGS) == {"stdio", "qemu", "bess", "vfkit"}
+    assert validate_framing("dgram") == "vfkit"
     with pytest.raises(ConfigError, match="stdio, qemu, bess, vfkit"):
         validate_framing("bogus")
     with pytest.raises(ConfigError):
