@@ -1,0 +1,628 @@
+"""The sans-IO NAT core driven with frames and a fake clock.
+
+Frames from the VM are built with the wire codecs and go through a real
+:class:`Gateway`; its events go to :meth:`NatCore.handle`.  Whatever the core
+sends to the VM lands in a list (its ``emit`` sink) and is parsed back; the
+I/O the core asks for comes back as actions, and the test plays the shell:
+it reports dials, datagrams, echo replies and closes by calling the core.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+
+import pytest
+
+from rdswitch.config import NetConfig
+from rdswitch.stack import nat as N
+from rdswitch.stack import tcp as T
+from rdswitch.stack.counters import Counters
+from rdswitch.stack.frames import FrameBuilder
+from rdswitch.stack.gateway import Gateway
+from rdswitch.stack.nat import (
+    MAX_DNS_INFLIGHT, MAX_PINGS, TSO_MSS, CancelDial, Dial, DnsQuery, NatCore, NatPolicy, OffloadChanged, Ping,
+    StartLocal, ToEndpoint, UdpOpen, UdpSend,
+)
+from rdswitch.wire import ethernet, icmp, ipv4, offload, tcp, udp
+from rdswitch.wire.tcp import ACK, FIN, PSH, RST, SYN
+
+NET = NetConfig()
+VM_MAC = NET.vm_mac
+GW_MAC = NET.gateway_mac
+VM_IP = NET.vm_ip.packed
+GW_IP = NET.gateway_ip.packed
+ALIAS = NET.host_alias_ip.packed  # .254: the host's loopback through the NAT table
+SID = 1
+
+
+def ip(s: str) -> bytes:
+    return ipaddress.IPv4Address(s).packed
+
+
+ALLOWED = ip("198.18.0.5")
+ALLOWED_2 = ip("198.18.0.6")
+DENIED = ip("10.9.9.9")  # outside allow_outbound
+OTHER_VM_IP = ip("192.168.127.3")
+ALLOW = (ipaddress.IPv4Network("198.18.0.0/15"), ipaddress.IPv4Network("127.0.0.0/8"))
+
+
+class Rig:
+    """One core with one session, a gateway in front of it and the frames it emitted."""
+
+    def __init__(self, *, dns: bool = True, seed: int = 0, local: tuple[int, ...] = (), **policy_kw) -> None:
+        policy_kw.setdefault("allow_outbound", ALLOW)
+        self.gw_counters = Counters()
+        self.frames = FrameBuilder(NET, self.gw_counters)
+        self.gw = Gateway(NET, None, self.gw_counters, self.frames)
+        self.out: list[bytes] = []
+        self.core = NatCore(NatPolicy(NET, **policy_kw), self.frames, self.out.extend, dns=dns,
+                            rng=random.Random(seed))
+        for port in local:
+            self.core.add_local_service(port)
+        self.counters = Counters()
+        self.state = self.core.open_session(SID, self.counters)
+        self.now = 100.0
+
+    # ---- frames from the VM ------------------------------------------------------------------
+    def feed(self, frame: bytes, sid: int = SID) -> list:
+        replies, ev = self.gw.input(frame, self.now)
+        assert replies == [] and ev is not None
+        return list(self.core.handle(sid, ev, self.now))
+
+    def tcp(self, dst: bytes, sport: int, dport: int, flags: int, *, seq: int = 1000, ack: int = 0,
+            payload: bytes = b"", src: bytes = VM_IP, window: int = 65535, sid: int = SID) -> list:
+        mss = 1460 if flags & SYN else None
+        seg = tcp.Segment(sport, dport, seq, ack, flags, window, payload, mss=mss)
+        return self.feed(eth(ipv4.build(src, dst, ipv4.PROTO_TCP, tcp.build(seg, src, dst))), sid)
+
+    def syn(self, dst: bytes, sport: int = 40000, dport: int = 80, *, seq: int = 1000, **kw) -> list:
+        return self.tcp(dst, sport, dport, SYN, seq=seq, **kw)
+
+    def udp(self, dst: bytes, sport: int, dport: int, payload: bytes = b"dgram", *, src: bytes = VM_IP,
+            sid: int = SID) -> list:
+        return self.feed(eth(ipv4.build(src, dst, ipv4.PROTO_UDP, udp.build(sport, dport, payload, src, dst))), sid)
+
+    def ping(self, dst: bytes, ident: int = 7, seq: int = 1, payload: bytes = b"ping!", sid: int = SID) -> list:
+        msg = icmp.build(icmp.IcmpMessage(icmp.ECHO_REQUEST, 0, (ident << 16) | seq, payload))
+        return self.feed(eth(ipv4.build(VM_IP, dst, ipv4.PROTO_ICMP, msg)), sid)
+
+    def offload(self, flags: int = offload.FLAG_PARTIAL_CSUM_TSO) -> list:
+        return self.feed(ethernet.build(GW_MAC, VM_MAC, ethernet.TYPE_RDSWITCH, offload.capability_payload(flags)))
+
+    # ---- what the core sent ------------------------------------------------------------------
+    def take(self) -> list[bytes]:
+        frames = list(self.out)
+        del self.out[:]
+        return frames
+
+    def dialled(self, dst: bytes = ALIAS, sport: int = 40000, dport: int = 80, seq: int = 1000) -> N.TcpFlow:
+        """A SYN dialled and connected; its SYN-ACK taken and checked to be there."""
+        (dial,) = self.syn(dst, sport, dport, seq=seq)
+        assert isinstance(dial, Dial)
+        conn = self.core.dial_done(dial.flow, None, self.now)
+        assert conn is not None
+        self.core.transmit(dial.flow, conn.take_outgoing())
+        (synack,) = [parse_tcp(f)[1] for f in self.take()]
+        assert synack.flags == SYN | ACK
+        return dial.flow
+
+
+def eth(packet: bytes) -> bytes:
+    return ethernet.build(GW_MAC, VM_MAC, ethernet.TYPE_IPV4, packet)
+
+
+def parse_ip(frame: bytes) -> ipv4.IPv4Packet:
+    dst, src, et, payload = ethernet.parse(frame)
+    assert (dst, src, et) == (VM_MAC, GW_MAC, ethernet.TYPE_IPV4)
+    return ipv4.parse(payload, verify=True)
+
+
+def parse_tcp(frame: bytes, verify: bool = True) -> tuple[ipv4.IPv4Packet, tcp.Segment]:
+    pkt = parse_ip(frame)
+    assert pkt.proto == ipv4.PROTO_TCP and pkt.dst == VM_IP
+    return pkt, tcp.parse(pkt.payload, pkt.src, pkt.dst, verify=verify)
+
+
+def parse_udp(frame: bytes) -> tuple[ipv4.IPv4Packet, int, int, bytes]:
+    pkt = parse_ip(frame)
+    assert pkt.proto == ipv4.PROTO_UDP
+    sport, dport, payload = udp.parse(pkt.payload, pkt.src, pkt.dst, verify=True)
+    return pkt, sport, dport, bytes(payload)
+
+
+def parse_icmp(frame: bytes) -> tuple[ipv4.IPv4Packet, icmp.IcmpMessage]:
+    pkt = parse_ip(frame)
+    assert pkt.proto == ipv4.PROTO_ICMP
+    return pkt, icmp.parse(pkt.payload, verify=True)
+
+
+def assert_rst_for_syn(frame: bytes, src: bytes, sport: int, dport: int, seq: int = 1000) -> None:
+    """``frame`` is the RST|ACK refusing the VM's SYN from ``sport`` to ``src:dport``."""
+    pkt, seg = parse_tcp(frame)
+    assert (pkt.src, pkt.dst) == (src, VM_IP)
+    assert (seg.src_port, seg.dst_port) == (dport, sport)
+    assert seg.flags == RST | ACK
+    assert seg.ack == (seq + 1) & 0xFFFFFFFF
+
+
+# ---------------------------------------------------------------------------------------------
+# TCP: dialling
+
+
+def test_syn_to_allowed_destination_dials_once():
+    rig = Rig()
+    actions = rig.syn(ALIAS, 40000, 8080, seq=5000)
+    assert len(actions) == 1 and isinstance(actions[0], Dial)
+    flow = actions[0].flow
+    assert flow.dst == ("127.0.0.1", 8080)
+    assert flow.key == (VM_IP, 40000, ALIAS, 8080) and flow.vm_mac == VM_MAC and flow.dialling
+    assert flow.syn.seq == 5000 and flow.syn.mss == 1460
+    assert rig.state.pending_dials == 1 and rig.state.tcp == {flow.key: flow}
+    assert rig.take() == []
+
+
+def test_retransmitted_syn_while_dialling_is_ignored():
+    rig = Rig()
+    (dial,) = rig.syn(ALIAS, 40000, 80)
+    assert rig.syn(ALIAS, 40000, 80) == []
+    assert rig.tcp(ALIAS, 40000, 80, ACK, ack=1) == []  # any other segment waits for the dial too
+    assert rig.take() == [] and rig.state.pending_dials == 1 and len(rig.state.tcp) == 1
+
+
+def test_dial_done_queues_synack_from_the_dialled_alias():
+    rig = Rig(seed=3)
+    (dial,) = rig.syn(ALIAS, 40000, 8080, seq=0xFFFFFFFF)  # the SYN's seq wraps: ack is 0
+    flow = dial.flow
+    conn = rig.core.dial_done(flow, None, rig.now)
+    assert conn is flow.conn and not flow.dialling and flow.syn is None
+    assert rig.state.pending_dials == 0 and rig.counters.values["tcp_flows_total"] == 1
+    assert rig.take() == []  # queued on the connection, not sent by the core itself
+    rig.core.transmit(flow, conn.take_outgoing())
+    (frame,) = rig.take()
+    pkt, seg = parse_tcp(frame)
+    assert (pkt.src, pkt.dst) == (ALIAS, VM_IP)
+    assert (seg.src_port, seg.dst_port, seg.flags, seg.ack) == (8080, 40000, SYN | ACK, 0)
+    assert seg.seq == conn.iss and seg.mss == NET.mtu - 40
+
+
+def test_segments_after_the_handshake_feed_the_connection_and_mark_it_dirty():
+    rig = Rig()
+    flow = rig.dialled(ALIAS, 40000, 80, seq=1000)
+    iss = flow.conn.iss
+    assert rig.tcp(ALIAS, 40000, 80, ACK | PSH, seq=1001, ack=iss + 1, payload=b"GET / HTTP/1.0\r\n\r\n") == []
+    assert flow in rig.core.dirty
+    assert flow.conn.state == T.ESTABLISHED and flow.conn.read(100, rig.now) == b"GET / HTTP/1.0\r\n\r\n"
+    assert rig.core.take_dirty() == {flow} and rig.core.dirty == set()
+    # the ACK the shell transmits once per batch
+    rig.core.transmit(flow, flow.conn.take_outgoing())
+    (frame,) = rig.take()
+    _, seg = parse_tcp(frame)
+    assert seg.flags & ACK and seg.ack == 1001 + 18
+
+
+def test_rst_while_dialling_cancels_once_and_abandoned_dial_is_forgotten():
+    rig = Rig()
+    (dial,) = rig.syn(ALIAS, 40000, 80)
+    actions = rig.tcp(ALIAS, 40000, 80, RST, seq=1001)
+    assert actions == [CancelDial(dial.flow)] and dial.flow.abandoned
+    assert rig.tcp(ALIAS, 40000, 80, RST, seq=1001) == []  # a second RST: already cancelling
+    assert rig.syn(ALIAS, 40000, 80) == []
+    assert rig.core.dial_done(dial.flow, "abandoned", rig.now) is None
+    assert rig.state.tcp == {} and rig.state.pending_dials == 0
+    assert rig.counters.drops["tcp-dial-abandoned"] == 1
+    assert rig.take() == []
+
+
+def test_dial_that_connects_after_the_vm_gave_up_is_abandoned():
+    rig = Rig()
+    (dial,) = rig.syn(ALIAS, 40000, 80)
+    rig.tcp(ALIAS, 40000, 80, RST, seq=1001)
+    assert rig.core.dial_done(dial.flow, None, rig.now) is None  # the shell closes the host stream
+    assert rig.state.tcp == {} and rig.state.pending_dials == 0 and rig.take() == []
+    assert rig.counters.drops["tcp-dial-abandoned"] == 1
+
+
+@pytest.mark.parametrize("failure", ["refused", "failed"])
+def test_failed_dial_resets_the_vm(failure):
+    rig = Rig()
+    (dial,) = rig.syn(ALLOWED, 40001, 443, seq=77)
+    assert rig.core.dial_done(dial.flow, failure, rig.now) is None
+    (frame,) = rig.take()
+    assert_rst_for_syn(frame, ALLOWED, 40001, 443, seq=77)
+    assert rig.counters.drops[f"tcp-dial-{failure}"] == 1
+    assert rig.state.tcp == {} and rig.state.pending_dials == 0
+
+
+def test_timed_out_dial_sends_nothing():
+    rig = Rig()
+    (dial,) = rig.syn(ALLOWED, 40001, 443)
+    assert rig.core.dial_done(dial.flow, "timeout", rig.now) is None
+    assert rig.take() == []  # the VM's own SYN timeout applies
+    assert rig.counters.drops["tcp-dial-timeout"] == 1
+    assert rig.state.tcp == {} and rig.state.pending_dials == 0
+    # the VM's next SYN dials again
+    assert [type(a) for a in rig.syn(ALLOWED, 40001, 443)] == [Dial]
+
+
+# ---------------------------------------------------------------------------------------------
+# TCP: no flow, refusals
+
+
+def test_segment_without_flow_is_reset_and_rst_is_not():
+    rig = Rig()
+    assert rig.tcp(ALLOWED, 40000, 80, ACK, seq=10, ack=12345) == []
+    (frame,) = rig.take()
+    pkt, seg = parse_tcp(frame)
+    assert (pkt.src, seg.src_port, seg.dst_port, seg.flags, seg.seq) == (ALLOWED, 80, 40000, RST, 12345)
+    assert rig.tcp(ALLOWED, 40000, 80, FIN, seq=10) == []  # no ACK: RST|ACK acking the FIN
+    (frame,) = rig.take()
+    _, seg = parse_tcp(frame)
+    assert (seg.flags, seg.ack) == (RST | ACK, 11)
+    assert rig.tcp(ALLOWED, 40000, 80, RST, seq=10) == []
+    assert rig.tcp(ALLOWED, 40000, 80, RST | ACK, seq=10, ack=5) == []
+    assert rig.take() == [] and rig.state.tcp == {}
+
+
+def test_syn_ack_without_flow_is_reset_not_dialled():
+    rig = Rig()
+    assert rig.tcp(ALLOWED, 40000, 80, SYN | ACK, seq=10, ack=999) == []
+    (frame,) = rig.take()
+    _, seg = parse_tcp(frame)
+    assert (seg.flags, seg.seq) == (RST, 999)
+    assert rig.state.pending_dials == 0
+
+
+@pytest.mark.parametrize("dst,reason", [
+    (ip("127.0.0.1"), "loopback"),
+    (DENIED, "outbound-denied"),
+    (ip("169.254.169.254"), "link-local"),
+    (ip("192.168.127.77"), "virtual-subnet"),
+])
+def test_refused_destinations_are_reset_and_counted(dst, reason):
+    rig = Rig()
+    assert rig.syn(dst, 40000, 80, seq=4242) == []
+    (frame,) = rig.take()
+    assert_rst_for_syn(frame, dst, 40000, 80, seq=4242)
+    assert rig.counters.drops == {f"tcp-{reason}": 1}
+    assert rig.state.tcp == {} and rig.state.pending_dials == 0
+
+
+def test_flow_limit_refuses_with_rst():
+    rig = Rig(max_tcp_flows=2)
+    rig.dialled(ALIAS, 40000)
+    rig.syn(ALIAS, 40001)  # dialling flows count too
+    assert rig.syn(ALIAS, 40002, seq=9) == []
+    (frame,) = rig.take()
+    assert_rst_for_syn(frame, ALIAS, 40002, 80, seq=9)
+    assert rig.counters.drops["tcp-flow-limit"] == 1 and len(rig.state.tcp) == 2
+
+
+def test_pending_dial_limit_drops_silently():
+    rig = Rig(max_pending_dials=2)
+    rig.syn(ALIAS, 40000)
+    rig.syn(ALIAS, 40001)
+    assert rig.syn(ALIAS, 40002) == []
+    assert rig.take() == []  # the VM retransmits its SYN
+    assert rig.counters.drops["tcp-dial-limit"] == 1 and rig.state.pending_dials == 2
+    (first,) = [f for f in rig.state.tcp.values() if f.key[1] == 40000]
+    rig.core.dial_done(first, "timeout", rig.now)
+    assert [type(a) for a in rig.syn(ALIAS, 40002)] == [Dial]
+
+
+# ---------------------------------------------------------------------------------------------
+# TCP: the gateway's own services
+
+
+def test_syn_to_local_service_starts_it_with_a_synack():
+    rig = Rig(local=(53,))
+    actions = rig.syn(GW_IP, 40000, 53, seq=500)
+    assert len(actions) == 1 and isinstance(actions[0], StartLocal) and actions[0].port == 53
+    flow = actions[0].flow
+    assert flow.conn is not None and rig.state.pending_dials == 0
+    assert rig.counters.values["tcp_local_total"] == 1
+    rig.core.transmit(flow, flow.conn.take_outgoing())
+    (frame,) = rig.take()
+    pkt, seg = parse_tcp(frame)
+    assert (pkt.src, seg.src_port, seg.dst_port, seg.flags, seg.ack) == (GW_IP, 53, 40000, SYN | ACK, 501)
+
+
+def test_syn_to_closed_gateway_port_is_reset():
+    rig = Rig(local=(53,))
+    assert rig.syn(GW_IP, 40000, 54, seq=500) == []
+    (frame,) = rig.take()
+    assert_rst_for_syn(frame, GW_IP, 40000, 54, seq=500)
+    assert rig.counters.drops["tcp-closed-port"] == 1 and rig.state.tcp == {}
+
+
+def test_local_service_respects_the_flow_limit():
+    rig = Rig(local=(53,), max_tcp_flows=1)
+    assert [type(a) for a in rig.syn(GW_IP, 40000, 53)] == [StartLocal]
+    assert rig.syn(GW_IP, 40001, 53) == []
+    (frame,) = rig.take()
+    assert_rst_for_syn(frame, GW_IP, 40001, 53)
+    assert rig.counters.drops["tcp-flow-limit"] == 1
+
+
+def test_flow_closed_forgets_the_flow():
+    rig = Rig()
+    flow = rig.dialled()
+    rig.tcp(ALIAS, 40000, 80, ACK, seq=1001, ack=flow.conn.iss + 1, payload=b"x")
+    assert flow in rig.core.dirty
+    rig.core.flow_closed(flow)
+    assert rig.state.tcp == {} and flow not in rig.core.dirty
+    rig.core.flow_closed(flow)  # twice is harmless
+    # the port can be used again: a new SYN dials
+    assert [type(a) for a in rig.syn(ALIAS, 40000, 80)] == [Dial]
+
+
+# ---------------------------------------------------------------------------------------------
+# UDP
+
+
+def test_udp_new_flow_opens_then_sends_and_the_next_datagram_only_sends():
+    rig = Rig()
+    actions = rig.udp(ALLOWED, 5000, 9999, b"one")
+    assert [type(a) for a in actions] == [UdpOpen, UdpSend]
+    flow = actions[0].flow
+    assert actions[1].flow is flow and bytes(actions[1].payload) == b"one"
+    assert flow.key == (VM_IP, 5000, ALLOWED, 9999) and flow.dst == ("198.18.0.5", 9999)
+    assert flow.last_activity == rig.now and rig.counters.values["udp_flows_total"] == 1
+    rig.now += 5
+    actions = rig.udp(ALLOWED, 5000, 9999, b"two")
+    assert actions == [UdpSend(flow, actions[0].payload)] and bytes(actions[0].payload) == b"two"
+    assert flow.last_activity == rig.now and rig.take() == []
+
+
+def test_udp_reply_comes_from_the_virtual_destination():
+    rig = Rig()
+    (opened, _) = rig.udp(ALIAS, 5000, 7000)
+    flow = opened.flow
+    assert flow.dst == ("127.0.0.1", 7000)
+    rig.now += 1
+    rig.core.udp_reply(flow, b"answer", rig.now)
+    assert flow.last_activity == rig.now
+    (frame,) = rig.take()
+    pkt, sport, dport, payload = parse_udp(frame)
+    assert (pkt.src, pkt.dst, sport, dport, payload) == (ALIAS, VM_IP, 7000, 5000, b"answer")
+
+
+def test_udp_expiry_follows_the_fake_clock():
+    rig = Rig(udp_idle_timeout=30.0)
+    (opened, _) = rig.udp(ALLOWED, 5000, 9999)
+    flow = opened.flow
+    assert not rig.core.udp_expired(flow, rig.now + 29.9)
+    assert rig.core.udp_expired(flow, rig.now + 30.0)
+    rig.now += 20
+    rig.udp(ALLOWED, 5000, 9999)  # activity pushes the expiry
+    assert not rig.core.udp_expired(flow, rig.now + 29.9)
+    rig.core.udp_reply(flow, b"r", rig.now + 25)  # so does a reply
+    assert not rig.core.udp_expired(flow, rig.now + 50)
+    assert rig.core.udp_expired(flow, rig.now + 55)
+    rig.core.udp_closed(flow)
+    assert rig.state.udp == {}
+    assert [type(a) for a in rig.udp(ALLOWED, 5000, 9999)] == [UdpOpen, UdpSend]
+
+
+def test_udp_flow_limit():
+    rig = Rig(max_udp_flows=2)
+    rig.udp(ALLOWED, 5000, 1)
+    rig.udp(ALLOWED, 5001, 1)
+    assert rig.udp(ALLOWED, 5002, 1) == []
+    assert rig.take() == [] and rig.counters.drops["udp-flow-limit"] == 1
+    assert len(rig.udp(ALLOWED, 5000, 1)) == 1  # existing flows still send
+
+
+@pytest.mark.parametrize("dst", [ip("255.255.255.255"), ip("192.168.127.255"), ip("224.0.0.251"),
+                                 ip("239.255.255.250")])
+def test_udp_broadcast_and_multicast_get_no_icmp_error(dst):
+    rig = Rig()
+    frame = ethernet.build(ethernet.BROADCAST, VM_MAC, ethernet.TYPE_IPV4,
+                           ipv4.build(VM_IP, dst, ipv4.PROTO_UDP, udp.build(5353, 5353, b"mdns", VM_IP, dst)))
+    assert rig.feed(frame) == []
+    assert rig.take() == []  # RFC 1122 3.2.2: no ICMP error about a broadcast/multicast datagram
+    assert rig.counters.drops["udp-not-unicast"] == 1 and rig.state.udp == {}
+
+
+@pytest.mark.parametrize("dst,reason", [(DENIED, "outbound-denied"), (ip("127.0.0.1"), "loopback"),
+                                        (ip("192.168.127.77"), "virtual-subnet")])
+def test_udp_denied_destination_gets_admin_prohibited(dst, reason):
+    rig = Rig()
+    packet = ipv4.build(VM_IP, dst, ipv4.PROTO_UDP, udp.build(5000, 9, b"discard me", VM_IP, dst))
+    assert rig.feed(eth(packet)) == []
+    (frame,) = rig.take()
+    pkt, msg = parse_icmp(frame)
+    assert (pkt.src, pkt.dst) == (GW_IP, VM_IP)
+    assert (msg.type, msg.code) == (icmp.DEST_UNREACH, icmp.ADMIN_PROHIBITED)
+    assert bytes(msg.payload) == packet[:28]  # the IP header and the first 8 bytes
+    assert rig.counters.drops[f"udp-{reason}"] == 1 and rig.state.udp == {}
+
+
+def test_udp_to_closed_gateway_port_is_port_unreachable():
+    rig = Rig()
+    packet = ipv4.build(VM_IP, GW_IP, ipv4.PROTO_UDP, udp.build(5000, 4444, b"?", VM_IP, GW_IP))
+    assert rig.feed(eth(packet)) == []
+    (frame,) = rig.take()
+    pkt, msg = parse_icmp(frame)
+    assert (pkt.src, msg.type, msg.code, bytes(msg.payload)) == (GW_IP, icmp.DEST_UNREACH, icmp.PORT_UNREACH,
+                                                                   packet[:28])
+    assert rig.counters.drops["udp-closed-port"] == 1
+
+
+def test_dns_to_gateway_is_a_query_within_the_inflight_cap():
+    rig = Rig()
+    (q,) = rig.udp(GW_IP, 5353, 53, b"query-0")
+    assert q == DnsQuery(SID, VM_MAC, VM_IP, 5353, b"query-0")
+    for i in range(1, MAX_DNS_INFLIGHT):
+        assert len(rig.udp(GW_IP, 5353, 53, b"q%d" % i)) == 1
+    assert rig.state.dns_queries == MAX_DNS_INFLIGHT
+    assert rig.udp(GW_IP, 5353, 53, b"one too many") == []
+    assert rig.take() == [] and rig.counters.drops["dns-inflight-limit"] == 1
+    rig.core.udp_to_vm(SID, VM_MAC, 53, VM_IP, 5353, b"answer")
+    (frame,) = rig.take()
+    pkt, sport, dport, payload = parse_udp(frame)
+    assert (pkt.src, sport, dport, payload) == (GW_IP, 53, 5353, b"answer")
+    rig.core.dns_done(SID)
+    assert rig.state.dns_queries == MAX_DNS_INFLIGHT - 1
+    assert [type(a) for a in rig.udp(GW_IP, 5353, 53, b"again")] == [DnsQuery]
+
+
+def test_dns_disabled_means_port_53_is_closed():
+    rig = Rig(dns=False)
+    assert rig.udp(GW_IP, 5353, 53) == []
+    (frame,) = rig.take()
+    assert parse_icmp(frame)[1].code == icmp.PORT_UNREACH
+
+
+# ---------------------------------------------------------------------------------------------
+# Port-forward UDP endpoints
+
+
+def test_endpoint_takes_datagrams_only_from_its_remote():
+    rig = Rig()
+    ep = rig.core.open_endpoint(SID, VM_IP, 6000)
+    assert N.EPHEMERAL_FIRST <= ep.port <= N.EPHEMERAL_LAST
+    actions = rig.udp(GW_IP, 6000, ep.port, b"reply")
+    assert actions == [ToEndpoint(ep, actions[0].payload)] and bytes(actions[0].payload) == b"reply"
+    assert rig.udp(GW_IP, 6001, ep.port) == []  # another port
+    assert rig.udp(GW_IP, 6000, ep.port, src=OTHER_VM_IP) == []  # another VM
+    assert rig.take() == [] and rig.counters.drops["udp-endpoint-foreign-source"] == 2
+    rig.core.close_endpoint(ep)
+    assert rig.udp(GW_IP, 6000, ep.port) == []
+    (frame,) = rig.take()
+    assert parse_icmp(frame)[1].code == icmp.PORT_UNREACH
+    assert rig.counters.drops["udp-closed-port"] == 1
+
+
+def test_endpoints_get_distinct_ports():
+    rig = Rig()
+    a = rig.core.open_endpoint(SID, VM_IP, 6000)
+    b = rig.core.open_endpoint(SID, VM_IP, 6000)
+    assert a.port != b.port and rig.state.endpoints == {a.port: a, b.port: b}
+
+
+# ---------------------------------------------------------------------------------------------
+# ICMP echo
+
+
+def test_ping_alias_goes_to_host_loopback_and_reply_comes_from_the_alias():
+    rig = Rig()
+    (p,) = rig.ping(ALIAS, ident=0x1234, seq=9, payload=b"abcdefgh")
+    assert isinstance(p, Ping) and p.dst == "127.0.0.1" and p.virtual_dst == ALIAS
+    assert (p.sid, p.vm_mac, p.vm_ip, p.msg.ident, p.msg.seq) == (SID, VM_MAC, VM_IP, 0x1234, 9)
+    assert rig.state.pings == 1 and rig.take() == []
+    rig.core.ping_reply(p, b"abcdefgh")
+    (frame,) = rig.take()
+    pkt, msg = parse_icmp(frame)
+    assert (pkt.src, pkt.dst) == (ALIAS, VM_IP)
+    assert (msg.type, msg.code, msg.ident, msg.seq, bytes(msg.payload)) == (icmp.ECHO_REPLY, 0, 0x1234, 9, b"abcdefgh")
+    assert rig.counters.values["icmp_echo_forwarded"] == 1
+    rig.core.ping_done(p)
+    assert rig.state.pings == 0
+
+
+def test_pings_in_flight_are_capped():
+    rig = Rig()
+    pings = [rig.ping(ALLOWED, seq=i)[0] for i in range(MAX_PINGS)]
+    assert rig.ping(ALLOWED, seq=999) == [] and rig.counters.drops["icmp-limit"] == 1
+    rig.core.ping_done(pings[0], "no-reply")
+    assert rig.counters.drops["icmp-no-reply"] == 1 and rig.state.pings == MAX_PINGS - 1
+    assert len(rig.ping(ALLOWED, seq=1000)) == 1
+    assert rig.take() == []
+
+
+@pytest.mark.parametrize("dst,reason", [(DENIED, "outbound-denied"), (ip("127.0.0.1"), "loopback"),
+                                        (ip("192.168.127.255"), "not-unicast")])
+def test_ping_to_denied_destination_is_counted_silently(dst, reason):
+    rig = Rig()
+    assert rig.ping(dst) == []
+    assert rig.take() == [] and rig.counters.drops[f"icmp-{reason}"] == 1 and rig.state.pings == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Offload
+
+
+def test_offload_changes_once_and_later_flows_use_it():
+    rig = Rig()
+    before = rig.dialled(ALIAS, 40000)
+    assert rig.offload() == [OffloadChanged(SID, True)]
+    assert rig.offload() == []
+    assert rig.state.offload
+    after = rig.dialled(ALIAS, 40001)
+    assert after.partial and after.conn.tso_mss == TSO_MSS
+    assert not before.partial and before.conn.tso_mss != TSO_MSS
+    # frames of a partial flow carry the pseudo-header sum only: the plain checksum does not verify
+    after.conn.receive_segment(tcp.Segment(40001, 80, 1001, after.conn.iss + 1, ACK, 65535), rig.now)
+    after.conn.send(b"x" * 100, rig.now)
+    rig.core.transmit(after, after.conn.take_outgoing())
+    frames = rig.take()
+    assert frames
+    for frame in frames:
+        _, seg = parse_tcp(frame, verify=False)
+        assert seg.src_port == 80 and bytes(seg.payload) == b"x" * 100
+    assert rig.offload(0) == [OffloadChanged(SID, False)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sessions, ports, port forwarding
+
+
+def test_close_session_forgets_everything():
+    rig = Rig(local=(53,))
+    open_flow = rig.dialled(ALIAS, 40000)
+    (dial,) = rig.syn(ALIAS, 40001)
+    (local,) = rig.syn(GW_IP, 40002, 53)
+    rig.udp(ALLOWED, 5000, 1)
+    rig.tcp(ALIAS, 40000, 80, ACK, seq=1001, ack=open_flow.conn.iss + 1, payload=b"x")
+    assert open_flow in rig.core.dirty
+    flows = rig.core.close_session(SID)
+    assert set(flows) == {open_flow, local.flow}
+    assert SID not in rig.core.sessions and rig.core.dirty == set()
+    assert rig.core.close_session(SID) == []
+    # events and reports for the gone session yield nothing
+    assert rig.syn(ALIAS, 40003) == [] and rig.udp(ALLOWED, 5000, 1) == [] and rig.ping(ALIAS) == []
+    assert rig.core.dial_done(dial.flow, None, rig.now) is None
+    rig.core.dial_done(dial.flow, "refused", rig.now)
+    rig.core.dns_done(SID)
+    assert rig.take() == []
+
+
+def test_events_for_an_unknown_session_yield_nothing():
+    rig = Rig(local=(53,))
+    assert rig.syn(ALIAS, 40000, sid=2) == []
+    assert rig.tcp(ALIAS, 40000, 80, ACK, sid=2) == []
+    assert rig.udp(DENIED, 5000, 1, sid=2) == []
+    assert rig.udp(GW_IP, 5000, 53, sid=2) == []
+    assert rig.ping(ALIAS, sid=2) == []
+    assert rig.take() == [] and 2 not in rig.core.sessions
+
+
+def test_ephemeral_port_wraps_and_skips_taken_ports():
+    rig = Rig(local=(N.EPHEMERAL_FIRST + 1,))
+    core = rig.core
+    assert core.ephemeral_port() == N.EPHEMERAL_FIRST
+    assert core.ephemeral_port() == N.EPHEMERAL_FIRST + 2  # +1 is a local service
+    core._next_ephemeral = N.EPHEMERAL_LAST - 1
+    assert core.ephemeral_port(lambda p: p == N.EPHEMERAL_LAST - 1) == N.EPHEMERAL_LAST
+    assert core.ephemeral_port(lambda p: p == N.EPHEMERAL_FIRST) == N.EPHEMERAL_FIRST + 2
+    with pytest.raises(OSError):
+        core.ephemeral_port(lambda p: True)
+
+
+def test_connect_to_vm_queues_a_syn_from_the_gateway():
+    rig = Rig(seed=5)
+    flow = rig.core.connect_to_vm(SID, VM_MAC, VM_IP, 22, rig.now)
+    vm_ip, vm_port, gw, port = flow.key
+    assert (vm_ip, vm_port, gw) == (VM_IP, 22, GW_IP) and N.EPHEMERAL_FIRST <= port <= N.EPHEMERAL_LAST
+    assert rig.state.tcp[flow.key] is flow and not flow.dialling
+    rig.core.transmit(flow, flow.conn.take_outgoing())
+    (frame,) = rig.take()
+    pkt, seg = parse_tcp(frame)
+    assert (pkt.src, seg.src_port, seg.dst_port, seg.flags) == (GW_IP, port, 22, SYN)
+    # the VM's SYN-ACK reaches the connection through the flow table
+    assert rig.tcp(GW_IP, 22, port, SYN | ACK, seq=7000, ack=seg.seq + 1) == []
+    assert flow in rig.core.dirty and flow.conn.state == T.ESTABLISHED
+    # a second forward to the same VM port gets another gateway port
+    other = rig.core.connect_to_vm(SID, VM_MAC, VM_IP, 22, rig.now)
+    assert other.key[3] != port
