@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import random
+import sys
 
 import pytest
 
@@ -626,3 +627,301 @@ def test_connect_to_vm_queues_a_syn_from_the_gateway():
     # a second forward to the same VM port gets another gateway port
     other = rig.core.connect_to_vm(SID, VM_MAC, VM_IP, 22, rig.now)
     assert other.key[3] != port
+
+
+# ---------------------------------------------------------------------------------------------
+# Property: random traffic and reports keep the tables bounded, answer every refusal, leak nothing
+
+from unittest import mock  # noqa: E402
+
+from hypothesis import settings, strategies as st  # noqa: E402
+from hypothesis import event  # noqa: E402
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test  # noqa: E402
+
+VM_PORTS = (40000, 40001, 40002, 40003)
+#: (destination ip, port): dialled (the alias, an allowed address), refused, or the gateway's services
+TCP_DSTS = ((ALIAS, 80), (ALLOWED, 443), (ALLOWED_2, 443), (DENIED, 80), (ip("127.0.0.1"), 80),
+            (ip("169.254.169.254"), 80), (GW_IP, 53), (GW_IP, 54))
+UDP_DSTS = ((ALLOWED, 53), (ALIAS, 7000), (ALLOWED_2, 123), (DENIED, 9), (ip("192.168.127.77"), 9),
+            (ip("255.255.255.255"), 5353), (ip("224.0.0.251"), 5353))
+PING_DSTS = (ALIAS, ALLOWED, DENIED, ip("192.168.127.255"))
+OUTCOMES = (None, "refused", "failed", "timeout", "abandoned")
+LIMITS = dict(max_tcp_flows=5, max_pending_dials=3, max_udp_flows=4, udp_idle_timeout=30.0)
+SMALL_PINGS = 3
+SMALL_DNS = 4
+
+
+class NatMachine(RuleBasedStateMachine):
+    """Plays a VM and the shell against one core; the model is what the shell would know."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rig = Rig(local=(53,), **LIMITS)
+        self.core = self.rig.core
+        self.pending: list[N.TcpFlow] = []  # Dial actions not reported yet
+        self.syn_seq: dict[N.TcpFlow, int] = {}
+        self.open: list[N.TcpFlow] = []  # flows with a connection the shell has not closed
+        self.udp_flows: list[N.UdpFlow] = []
+        self.pings: list[Ping] = []
+        self.dns = 0
+
+    def _tick(self, dt: float) -> None:
+        assert dt >= 0
+        self.rig.now += dt
+
+    # ---- the VM ------------------------------------------------------------------------------
+    def _target(self, data) -> tuple[int, bytes, int]:
+        """The ports of a TCP segment from the VM: often those of a flow in the table, else any."""
+        flows = list(self.rig.state.tcp.values())
+        if flows and data.draw(st.booleans()):
+            _, port, dst_ip, dport = data.draw(st.sampled_from(flows)).key
+        else:
+            port = data.draw(st.sampled_from(VM_PORTS))
+            dst_ip, dport = data.draw(st.sampled_from(TCP_DSTS))
+        return port, dst_ip, dport
+
+    @rule(data=st.data(), seq=st.integers(0, 2**32 - 1))
+    def syn(self, data, seq):
+        rig, state = self.rig, self.rig.state
+        port, dst_ip, dport = self._target(data)
+        existing = state.tcp.get((VM_IP, port, dst_ip, dport))
+        dial_limited = rig.counters.drops["tcp-dial-limit"]
+        actions = rig.syn(dst_ip, port, dport, seq=seq)
+        frames = rig.take()
+        if existing is not None:  # a retransmission (or a SYN on an open connection): the flow's business
+            event("syn: retransmitted while dialling" if existing.dialling else "syn: on an open flow")
+            assert actions == [] and frames == []
+            return
+        kinds = [type(a) for a in actions]
+        if kinds == [Dial]:
+            flow = actions[0].flow
+            assert frames == [] and flow.dst[1] == dport
+            self.pending.append(flow)
+            self.syn_seq[flow] = seq
+        elif kinds == [StartLocal]:
+            assert frames == [] and dst_ip == GW_IP and actions[0].port == dport == 53
+            self.open.append(actions[0].flow)
+        else:
+            assert actions == []
+            if rig.counters.drops["tcp-dial-limit"] > dial_limited:
+                event("syn: dial limit")
+                assert frames == [] and state.pending_dials == LIMITS["max_pending_dials"]
+            else:  # refused: exactly one RST for its ports
+                event("syn: refused, flow limit" if len(state.tcp) >= LIMITS["max_tcp_flows"] else "syn: refused")
+                assert len(frames) == 1
+                assert_rst_for_syn(frames[0], dst_ip, port, dport, seq=seq)
+
+    @rule(data=st.data())
+    def rst(self, data):
+        port, dst_ip, dport = self._target(data)
+        flow = self.rig.state.tcp.get((VM_IP, port, dst_ip, dport))
+        cancel = flow is not None and flow.dialling and not flow.abandoned
+        actions = self.rig.tcp(dst_ip, port, dport, RST, seq=1)
+        assert actions == ([CancelDial(flow)] if cancel else [])
+        if cancel:
+            event("rst: dial cancelled")
+        assert self.rig.take() == []  # a RST is never answered
+
+    @rule(data=st.data(), payload=st.binary(max_size=20))
+    def segment(self, data, payload):
+        port, dst_ip, dport = self._target(data)
+        flow = self.rig.state.tcp.get((VM_IP, port, dst_ip, dport))
+        ack = flow.conn.iss + 1 if flow is not None and flow.conn is not None else 777
+        assert self.rig.tcp(dst_ip, port, dport, ACK, seq=5, ack=ack, payload=payload) == []
+        frames = self.rig.take()
+        if flow is None:
+            (frame,) = frames
+            pkt, seg = parse_tcp(frame)
+            assert (pkt.src, seg.src_port, seg.dst_port, seg.flags, seg.seq) == (dst_ip, dport, port, RST, 777)
+        else:
+            assert frames == []
+            assert (flow in self.core.dirty) == (flow.conn is not None)
+
+    @rule(data=st.data(), payload=st.binary(max_size=20))
+    def udp(self, data, payload):
+        rig, state = self.rig, self.rig.state
+        if state.udp and data.draw(st.booleans()):
+            _, port, dst_ip, dport = data.draw(st.sampled_from(list(state.udp.values()))).key
+        else:
+            port = data.draw(st.sampled_from(VM_PORTS))
+            dst_ip, dport = data.draw(st.sampled_from(UDP_DSTS))
+        existing = state.udp.get((VM_IP, port, dst_ip, dport))
+        full = len(state.udp) >= LIMITS["max_udp_flows"]
+        mac = ethernet.BROADCAST if dst_ip == ip("255.255.255.255") else GW_MAC
+        packet = ipv4.build(VM_IP, dst_ip, ipv4.PROTO_UDP, udp.build(port, dport, payload, VM_IP, dst_ip))
+        actions = rig.feed(ethernet.build(mac, VM_MAC, ethernet.TYPE_IPV4, packet))
+        frames = rig.take()
+        policy_dst, reason = self.core.policy.destination(dst_ip)
+        if existing is not None:
+            assert actions == [UdpSend(existing, actions[0].payload)] and bytes(actions[0].payload) == payload
+            assert existing.last_activity == rig.now and frames == []
+        elif policy_dst is None:
+            assert actions == []
+            if reason == "not-unicast":
+                assert frames == []
+            else:
+                (frame,) = frames
+                pkt, msg = parse_icmp(frame)
+                assert (pkt.src, msg.code, bytes(msg.payload)) == (GW_IP, icmp.ADMIN_PROHIBITED, packet[:28])
+        elif full:
+            event("udp: flow limit")
+            assert actions == [] and frames == []
+        else:
+            assert [type(a) for a in actions] == [UdpOpen, UdpSend] and frames == []
+            self.udp_flows.append(actions[0].flow)
+
+    @rule(dst=st.sampled_from(PING_DSTS), seq=st.integers(0, 0xFFFF))
+    def ping(self, dst, seq):
+        before = self.rig.state.pings
+        actions = self.rig.ping(dst, seq=seq)
+        assert self.rig.take() == []
+        if self.core.policy.destination(dst)[0] is None or before >= N.MAX_PINGS:
+            event("ping: refused" if before < N.MAX_PINGS else "ping: limit")
+            assert actions == []
+        else:
+            (p,) = actions
+            assert isinstance(p, Ping) and p.msg.seq == seq
+            self.pings.append(p)
+
+    @rule(port=st.sampled_from(VM_PORTS))
+    def dns_query(self, port):
+        before = self.rig.state.dns_queries
+        actions = self.rig.udp(GW_IP, port, 53, b"q")
+        assert self.rig.take() == []
+        if before >= N.MAX_DNS_INFLIGHT:
+            event("dns: limit")
+            assert actions == []
+        else:
+            assert actions == [DnsQuery(SID, VM_MAC, VM_IP, port, b"q")]
+            self.dns += 1
+
+    @rule(dt=st.floats(0, 60, allow_nan=False))
+    def advance(self, dt):
+        self._tick(dt)
+
+    # ---- the shell -----------------------------------------------------------------------------
+    def _report(self, flow: N.TcpFlow, outcome: str | None) -> None:
+        rig = self.rig
+        abandoned = flow.abandoned
+        conn = self.core.dial_done(flow, outcome, rig.now)
+        event(f"dial_done: {outcome}{' (abandoned)' if abandoned else ''}")
+        frames = rig.take()
+        dst_ip, dport = flow.key[2], flow.key[3]
+        if outcome is None and not abandoned:
+            assert conn is flow.conn is not None and frames == []
+            self.core.transmit(flow, conn.take_outgoing())
+            (frame,) = rig.take()
+            pkt, seg = parse_tcp(frame)
+            assert (pkt.src, seg.src_port, seg.dst_port, seg.flags) == (dst_ip, dport, flow.key[1], SYN | ACK)
+            assert seg.ack == (self.syn_seq[flow] + 1) & 0xFFFFFFFF
+            self.open.append(flow)
+        else:
+            assert conn is None
+            if outcome in ("refused", "failed") and not abandoned:
+                (frame,) = frames
+                assert_rst_for_syn(frame, dst_ip, flow.key[1], dport, seq=self.syn_seq[flow])
+            else:
+                assert frames == []
+        del self.syn_seq[flow]
+
+    def _dial_done(self, data):
+        flow = self.pending.pop(data.draw(st.integers(0, len(self.pending) - 1)))
+        self._report(flow, data.draw(st.sampled_from(OUTCOMES)))
+
+    def _flow_closed(self, data):
+        flow = self.open.pop(data.draw(st.integers(0, len(self.open) - 1)))
+        self.core.flow_closed(flow)
+
+    def _udp_reply(self, data):
+        flow = data.draw(st.sampled_from(self.udp_flows))
+        payload = data.draw(st.binary(max_size=20))
+        self.core.udp_reply(flow, payload, self.rig.now)
+        (frame,) = self.rig.take()
+        pkt, sport, dport, got = parse_udp(frame)
+        assert (pkt.src, sport, dport, got) == (flow.key[2], flow.key[3], flow.key[1], payload)
+
+    def _udp_closed(self, data):
+        flow = self.udp_flows.pop(data.draw(st.integers(0, len(self.udp_flows) - 1)))
+        self.core.udp_closed(flow)
+
+    def _udp_expire(self, data):
+        """The shell's idle timers: flows idle for long enough close."""
+        for flow in list(self.udp_flows):
+            if self.core.udp_expired(flow, self.rig.now):
+                assert self.rig.now - flow.last_activity >= self.core.policy.udp_idle_timeout
+                event("udp flow expired")
+                self.udp_flows.remove(flow)
+                self.core.udp_closed(flow)
+
+    def _ping_done(self, data):
+        p = self.pings.pop(data.draw(st.integers(0, len(self.pings) - 1)))
+        reply = data.draw(st.booleans())
+        if reply:
+            self.core.ping_reply(p, p.msg.payload)
+            (frame,) = self.rig.take()
+            pkt, msg = parse_icmp(frame)
+            assert (pkt.src, pkt.dst, msg.type, msg.seq, bytes(msg.payload)) == \
+                (p.virtual_dst, VM_IP, icmp.ECHO_REPLY, p.msg.seq, bytes(p.msg.payload))
+        self.core.ping_done(p, None if reply else "no-reply")
+
+    def _dns_done(self, data):
+        self.dns -= 1
+        self.core.dns_done(SID)
+
+    def _shell(self, data):
+        # One rule picking among what is possible (rules with preconditions make every step slower).
+        ops = [op for op, possible in ((self._dial_done, self.pending), (self._flow_closed, self.open),
+                                       (self._udp_reply, self.udp_flows), (self._udp_closed, self.udp_flows),
+                                       (self._ping_done, self.pings), (self._dns_done, self.dns)) if possible]
+        op = data.draw(st.sampled_from(ops + [self._udp_expire]))
+        op(data)
+
+    @rule(data=st.data())
+    def shell(self, data):
+        self._shell(data)
+
+    @rule(data=st.data())
+    def shell_too(self, data):  # the same, weighted like the VM's rules
+        self._shell(data)
+
+    # ---- invariants ------------------------------------------------------------------------------
+    @invariant()
+    def limits_hold_and_tables_match_the_model(self):
+        state = self.rig.state
+        assert len(state.tcp) <= LIMITS["max_tcp_flows"]
+        assert state.pending_dials == len(self.pending) <= LIMITS["max_pending_dials"]
+        assert set(state.tcp.values()) == set(self.pending) | set(self.open)
+        assert all(f.dialling for f in self.pending) and not any(f.dialling for f in self.open)
+        assert all(state.tcp[f.key] is f for f in self.pending + self.open)
+        assert len(state.udp) <= LIMITS["max_udp_flows"]
+        assert set(state.udp.values()) == set(self.udp_flows)
+        assert state.pings == len(self.pings) <= N.MAX_PINGS
+        assert state.dns_queries == self.dns <= N.MAX_DNS_INFLIGHT
+        assert self.core.dirty <= set(self.open)
+        assert self.rig.out == []  # every frame was accounted for by the rule that caused it
+
+    def teardown(self):
+        """Report everything in flight and close everything open: nothing may be left."""
+        if sys.exc_info()[0] is not None:
+            return  # a step failed: let its error be the one reported (and shrunk)
+        for i, flow in enumerate(self.pending):
+            self._report(flow, OUTCOMES[i % len(OUTCOMES)])
+        self.pending.clear()
+        for flow in self.open:
+            self.core.flow_closed(flow)
+        for flow in self.udp_flows:
+            self.core.udp_closed(flow)
+        for p in self.pings:
+            self.core.ping_done(p)
+        for _ in range(self.dns):
+            self.core.dns_done(SID)
+        state = self.rig.state
+        assert state.tcp == {} and state.udp == {} and state.endpoints == {}
+        assert (state.pending_dials, state.pings, state.dns_queries) == (0, 0, 0)
+        assert self.core.dirty == set()
+
+
+def test_nat_core_state_machine():
+    with mock.patch.object(N, "MAX_PINGS", SMALL_PINGS), mock.patch.object(N, "MAX_DNS_INFLIGHT", SMALL_DNS):
+        run_state_machine_as_test(NatMachine, settings=settings(max_examples=200, stateful_step_count=40,
+                                                                deadline=None))
