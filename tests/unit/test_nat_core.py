@@ -20,12 +20,13 @@ from rdswitch.stack import nat as N
 from rdswitch.stack import tcp as T
 from rdswitch.stack.counters import Counters
 from rdswitch.stack.frames import FrameBuilder
-from rdswitch.stack.gateway import Gateway
+from rdswitch.stack.gateway import Gateway, TcpIn
 from rdswitch.stack.nat import (
     MAX_DNS_INFLIGHT, MAX_PINGS, TSO_MSS, CancelDial, Dial, DnsQuery, NatCore, NatPolicy, OffloadChanged, Ping,
     StartLocal, ToEndpoint, UdpOpen, UdpSend,
 )
 from rdswitch.wire import ethernet, icmp, ipv4, offload, tcp, udp
+from rdswitch.wire.checksum import fold, pseudo_header_sum
 from rdswitch.wire.tcp import ACK, FIN, PSH, RST, SYN
 
 NET = NetConfig()
@@ -138,9 +139,10 @@ def parse_icmp(frame: bytes) -> tuple[ipv4.IPv4Packet, icmp.IcmpMessage]:
     return pkt, icmp.parse(pkt.payload, verify=True)
 
 
-def assert_rst_for_syn(frame: bytes, src: bytes, sport: int, dport: int, seq: int = 1000) -> None:
+def assert_rst_for_syn(frame: bytes, src: bytes, sport: int, dport: int, seq: int = 1000,
+                       verify: bool = True) -> None:
     """``frame`` is the RST|ACK refusing the VM's SYN from ``sport`` to ``src:dport``."""
-    pkt, seg = parse_tcp(frame)
+    pkt, seg = parse_tcp(frame, verify)
     assert (pkt.src, pkt.dst) == (src, VM_IP)
     assert (seg.src_port, seg.dst_port) == (dport, sport)
     assert seg.flags == RST | ACK
@@ -565,6 +567,49 @@ def test_offload_changes_once_and_later_flows_use_it():
     assert rig.offload(0) == [OffloadChanged(SID, False)]
 
 
+@pytest.mark.parametrize("on_at_syn", [False, True])
+def test_dial_straddling_an_offload_change_follows_the_offload_at_its_end(on_at_syn):
+    """The flow's checksum mode and segment size are decided together, when its first frame goes out.
+
+    A VM that reconnects (a restarted host-switch) sends SYNs at once; its
+    vm-switch announces offload only when DHCP binds, often while those dial.
+    """
+    rig = Rig()
+    if on_at_syn:
+        rig.offload()
+    (dial,) = rig.syn(ALIAS, 40000, 80)
+    rig.offload(0 if on_at_syn else offload.FLAG_PARTIAL_CSUM_TSO)
+    on = not on_at_syn
+    conn = rig.core.dial_done(dial.flow, None, rig.now)
+    assert dial.flow.partial == on and (conn.tso_mss == TSO_MSS) == on
+    conn.receive_segment(tcp.Segment(40000, 80, 1001, conn.iss + 1, ACK, 65535), rig.now)
+    conn.send(b"y" * 3000, rig.now)
+    rig.core.transmit(dial.flow, conn.take_outgoing())
+    frames = rig.take()
+    data = [f for f in frames if not parse_tcp(f, verify=False)[1].flags & SYN]
+    assert data
+    for frame in data:
+        pkt = parse_ip(frame)
+        field = int.from_bytes(pkt.payload[16:18], "big")
+        pseudo = fold(pseudo_header_sum(pkt.src, pkt.dst, tcp.PROTO, len(pkt.payload)))
+        if on:
+            assert field == pseudo
+        else:
+            tcp.parse(pkt.payload, pkt.src, pkt.dst, verify=True)
+            assert len(pkt.payload) - 20 <= NET.mtu - 40  # no TSO segments to a plain tap
+
+
+def test_failed_dial_rst_follows_the_offload_at_its_end():
+    rig = Rig()
+    (dial,) = rig.syn(ALLOWED, 40000, 443, seq=9)
+    rig.offload()
+    rig.core.dial_done(dial.flow, "refused", rig.now)
+    (frame,) = rig.take()
+    assert_rst_for_syn(frame, ALLOWED, 40000, 443, seq=9, verify=False)
+    pkt = parse_ip(frame)
+    assert int.from_bytes(pkt.payload[16:18], "big") == fold(pseudo_header_sum(pkt.src, pkt.dst, tcp.PROTO, 20))
+
+
 # ---------------------------------------------------------------------------------------------
 # Sessions, ports, port forwarding
 
@@ -634,8 +679,7 @@ def test_connect_to_vm_queues_a_syn_from_the_gateway():
 
 from unittest import mock  # noqa: E402
 
-from hypothesis import settings, strategies as st  # noqa: E402
-from hypothesis import event  # noqa: E402
+from hypothesis import event, settings, strategies as st  # noqa: E402
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test  # noqa: E402
 
 VM_PORTS = (40000, 40001, 40002, 40003)
@@ -651,28 +695,54 @@ SMALL_PINGS = 3
 SMALL_DNS = 4
 
 
+def check_tcp_checksum(frame: bytes, partial: bool) -> None:
+    """A TCP frame to the VM has a full checksum, or (``partial``, not a SYN) the pseudo-header sum only."""
+    pkt = parse_ip(frame)
+    seg = tcp.parse(pkt.payload)
+    if partial and not seg.flags & SYN:
+        field = int.from_bytes(pkt.payload[16:18], "big")
+        assert field == fold(pseudo_header_sum(pkt.src, pkt.dst, tcp.PROTO, len(pkt.payload)))
+    else:
+        tcp.parse(pkt.payload, pkt.src, pkt.dst, verify=True)
+
+
 class NatMachine(RuleBasedStateMachine):
-    """Plays a VM and the shell against one core; the model is what the shell would know."""
+    """Plays a VM and the shell against one core; the model is what the shell would know.
+
+    The VM's session may end and a new one start (the VM reconnected) while the
+    shell still has reports of the old one to make: those must change nothing.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.rig = Rig(local=(53,), **LIMITS)
         self.core = self.rig.core
+        self.sid = SID
+        self.state = self.rig.state
         self.pending: list[N.TcpFlow] = []  # Dial actions not reported yet
         self.syn_seq: dict[N.TcpFlow, int] = {}
         self.open: list[N.TcpFlow] = []  # flows with a connection the shell has not closed
         self.udp_flows: list[N.UdpFlow] = []
+        self.endpoints: list[N.UdpEndpoint] = []
         self.pings: list[Ping] = []
         self.dns = 0
+        self.stale: list[tuple[str, object]] = []  # reports still due for sessions that ended
 
-    def _tick(self, dt: float) -> None:
-        assert dt >= 0
-        self.rig.now += dt
+    @property
+    def counters(self) -> Counters:
+        return self.state.counters
+
+    def take(self, partial: bool | None = None) -> list[bytes]:
+        frames = self.rig.take()
+        if partial is not None:
+            for frame in frames:
+                check_tcp_checksum(frame, partial)
+        return frames
 
     # ---- the VM ------------------------------------------------------------------------------
     def _target(self, data) -> tuple[int, bytes, int]:
         """The ports of a TCP segment from the VM: often those of a flow in the table, else any."""
-        flows = list(self.rig.state.tcp.values())
+        flows = list(self.state.tcp.values())
         if flows and data.draw(st.booleans()):
             _, port, dst_ip, dport = data.draw(st.sampled_from(flows)).key
         else:
@@ -682,12 +752,12 @@ class NatMachine(RuleBasedStateMachine):
 
     @rule(data=st.data(), seq=st.integers(0, 2**32 - 1))
     def syn(self, data, seq):
-        rig, state = self.rig, self.rig.state
+        state = self.state
         port, dst_ip, dport = self._target(data)
         existing = state.tcp.get((VM_IP, port, dst_ip, dport))
-        dial_limited = rig.counters.drops["tcp-dial-limit"]
-        actions = rig.syn(dst_ip, port, dport, seq=seq)
-        frames = rig.take()
+        dial_limited = self.counters.drops["tcp-dial-limit"]
+        actions = self.rig.syn(dst_ip, port, dport, seq=seq, sid=self.sid)
+        frames = self.take(state.offload)
         if existing is not None:  # a retransmission (or a SYN on an open connection): the flow's business
             event("syn: retransmitted while dialling" if existing.dialling else "syn: on an open flow")
             assert actions == [] and frames == []
@@ -695,43 +765,50 @@ class NatMachine(RuleBasedStateMachine):
         kinds = [type(a) for a in actions]
         if kinds == [Dial]:
             flow = actions[0].flow
-            assert frames == [] and flow.dst[1] == dport
+            assert frames == [] and flow.dst[1] == dport and flow.partial == state.offload
             self.pending.append(flow)
             self.syn_seq[flow] = seq
         elif kinds == [StartLocal]:
+            flow = actions[0].flow
             assert frames == [] and dst_ip == GW_IP and actions[0].port == dport == 53
-            self.open.append(actions[0].flow)
+            assert flow.partial == state.offload and (flow.conn.tso_mss == TSO_MSS) == state.offload
+            self.open.append(flow)
         else:
             assert actions == []
-            if rig.counters.drops["tcp-dial-limit"] > dial_limited:
+            if self.counters.drops["tcp-dial-limit"] > dial_limited:
                 event("syn: dial limit")
                 assert frames == [] and state.pending_dials == LIMITS["max_pending_dials"]
             else:  # refused: exactly one RST for its ports
                 event("syn: refused, flow limit" if len(state.tcp) >= LIMITS["max_tcp_flows"] else "syn: refused")
                 assert len(frames) == 1
-                assert_rst_for_syn(frames[0], dst_ip, port, dport, seq=seq)
+                assert_rst_for_syn(frames[0], dst_ip, port, dport, seq=seq, verify=not state.offload)
+
+    @rule(data=st.data(), seq=st.integers(0, 2**32 - 1))
+    def syn_too(self, data, seq):  # SYNs are what fills the tables: twice the weight
+        self.syn(data, seq)
 
     @rule(data=st.data())
     def rst(self, data):
         port, dst_ip, dport = self._target(data)
-        flow = self.rig.state.tcp.get((VM_IP, port, dst_ip, dport))
+        flow = self.state.tcp.get((VM_IP, port, dst_ip, dport))
         cancel = flow is not None and flow.dialling and not flow.abandoned
-        actions = self.rig.tcp(dst_ip, port, dport, RST, seq=1)
+        actions = self.rig.tcp(dst_ip, port, dport, RST, seq=1, sid=self.sid)
         assert actions == ([CancelDial(flow)] if cancel else [])
         if cancel:
             event("rst: dial cancelled")
-        assert self.rig.take() == []  # a RST is never answered
+        assert self.take() == []  # a RST is never answered
 
     @rule(data=st.data(), payload=st.binary(max_size=20))
     def segment(self, data, payload):
         port, dst_ip, dport = self._target(data)
-        flow = self.rig.state.tcp.get((VM_IP, port, dst_ip, dport))
+        flow = self.state.tcp.get((VM_IP, port, dst_ip, dport))
         ack = flow.conn.iss + 1 if flow is not None and flow.conn is not None else 777
-        assert self.rig.tcp(dst_ip, port, dport, ACK, seq=5, ack=ack, payload=payload) == []
-        frames = self.rig.take()
+        offload = self.state.offload
+        assert self.rig.tcp(dst_ip, port, dport, ACK, seq=5, ack=ack, payload=payload, sid=self.sid) == []
+        frames = self.take(offload)
         if flow is None:
             (frame,) = frames
-            pkt, seg = parse_tcp(frame)
+            pkt, seg = parse_tcp(frame, verify=False)
             assert (pkt.src, seg.src_port, seg.dst_port, seg.flags, seg.seq) == (dst_ip, dport, port, RST, 777)
         else:
             assert frames == []
@@ -739,7 +816,7 @@ class NatMachine(RuleBasedStateMachine):
 
     @rule(data=st.data(), payload=st.binary(max_size=20))
     def udp(self, data, payload):
-        rig, state = self.rig, self.rig.state
+        rig, state = self.rig, self.state
         if state.udp and data.draw(st.booleans()):
             _, port, dst_ip, dport = data.draw(st.sampled_from(list(state.udp.values()))).key
         else:
@@ -749,8 +826,8 @@ class NatMachine(RuleBasedStateMachine):
         full = len(state.udp) >= LIMITS["max_udp_flows"]
         mac = ethernet.BROADCAST if dst_ip == ip("255.255.255.255") else GW_MAC
         packet = ipv4.build(VM_IP, dst_ip, ipv4.PROTO_UDP, udp.build(port, dport, payload, VM_IP, dst_ip))
-        actions = rig.feed(ethernet.build(mac, VM_MAC, ethernet.TYPE_IPV4, packet))
-        frames = rig.take()
+        actions = rig.feed(ethernet.build(mac, VM_MAC, ethernet.TYPE_IPV4, packet), self.sid)
+        frames = self.take()
         policy_dst, reason = self.core.policy.destination(dst_ip)
         if existing is not None:
             assert actions == [UdpSend(existing, actions[0].payload)] and bytes(actions[0].payload) == payload
@@ -770,34 +847,67 @@ class NatMachine(RuleBasedStateMachine):
             assert [type(a) for a in actions] == [UdpOpen, UdpSend] and frames == []
             self.udp_flows.append(actions[0].flow)
 
+    @rule(data=st.data(), src_ip=st.sampled_from([VM_IP, OTHER_VM_IP]), src_port=st.sampled_from(VM_PORTS))
+    def to_gateway_port(self, data, src_ip, src_port):
+        """A datagram to a port-forward endpoint's gateway port (or one that is not, or no longer, one)."""
+        if self.endpoints and data.draw(st.booleans()):
+            ep = data.draw(st.sampled_from(self.endpoints))
+            port, (src_ip, src_port) = ep.port, ep.remote
+        else:
+            port = data.draw(st.sampled_from([ep.port for ep in self.endpoints] + [4444, N.EPHEMERAL_FIRST]))
+        ep = self.state.endpoints.get(port)
+        foreign = self.counters.drops["udp-endpoint-foreign-source"]
+        packet = ipv4.build(src_ip, GW_IP, ipv4.PROTO_UDP, udp.build(src_port, port, b"fwd", src_ip, GW_IP))
+        actions = self.rig.feed(eth(packet), self.sid)
+        frames = self.take()
+        if ep is None:
+            assert actions == []
+            (frame,) = frames
+            pkt, msg = parse_ip(frame), parse_icmp(frame)[1]
+            assert (pkt.dst, msg.code, bytes(msg.payload)) == (src_ip, icmp.PORT_UNREACH, packet[:28])
+        elif ep.remote == (src_ip, src_port):
+            event("endpoint: delivered")
+            assert frames == [] and actions == [ToEndpoint(ep, actions[0].payload)]
+        else:
+            assert frames == [] and actions == []
+            assert self.counters.drops["udp-endpoint-foreign-source"] == foreign + 1
+
     @rule(dst=st.sampled_from(PING_DSTS), seq=st.integers(0, 0xFFFF))
     def ping(self, dst, seq):
-        before = self.rig.state.pings
-        actions = self.rig.ping(dst, seq=seq)
-        assert self.rig.take() == []
+        before = self.state.pings
+        actions = self.rig.ping(dst, seq=seq, sid=self.sid)
+        assert self.take() == []
         if self.core.policy.destination(dst)[0] is None or before >= N.MAX_PINGS:
             event("ping: refused" if before < N.MAX_PINGS else "ping: limit")
             assert actions == []
         else:
             (p,) = actions
-            assert isinstance(p, Ping) and p.msg.seq == seq
+            assert isinstance(p, Ping) and p.msg.seq == seq and p.sid == self.sid
             self.pings.append(p)
 
     @rule(port=st.sampled_from(VM_PORTS))
     def dns_query(self, port):
-        before = self.rig.state.dns_queries
-        actions = self.rig.udp(GW_IP, port, 53, b"q")
-        assert self.rig.take() == []
+        before = self.state.dns_queries
+        actions = self.rig.udp(GW_IP, port, 53, b"q", sid=self.sid)
+        assert self.take() == []
         if before >= N.MAX_DNS_INFLIGHT:
             event("dns: limit")
             assert actions == []
         else:
-            assert actions == [DnsQuery(SID, VM_MAC, VM_IP, port, b"q")]
+            assert actions == [DnsQuery(self.sid, VM_MAC, VM_IP, port, b"q")]
             self.dns += 1
+
+    @rule(on=st.booleans())
+    def offload(self, on):
+        was = self.state.offload
+        actions = self.rig.feed(ethernet.build(GW_MAC, VM_MAC, ethernet.TYPE_RDSWITCH, offload.capability_payload(
+            offload.FLAG_PARTIAL_CSUM_TSO if on else 0)), self.sid)
+        assert actions == ([OffloadChanged(self.sid, on)] if on != was else [])
+        assert self.state.offload == on and self.take() == []
 
     @rule(dt=st.floats(0, 60, allow_nan=False))
     def advance(self, dt):
-        self._tick(dt)
+        self.rig.now += dt  # the clock only moves forward
 
     # ---- the shell -----------------------------------------------------------------------------
     def _report(self, flow: N.TcpFlow, outcome: str | None) -> None:
@@ -805,12 +915,13 @@ class NatMachine(RuleBasedStateMachine):
         abandoned = flow.abandoned
         conn = self.core.dial_done(flow, outcome, rig.now)
         event(f"dial_done: {outcome}{' (abandoned)' if abandoned else ''}")
-        frames = rig.take()
+        frames = self.take(flow.partial)
         dst_ip, dport = flow.key[2], flow.key[3]
         if outcome is None and not abandoned:
             assert conn is flow.conn is not None and frames == []
+            assert flow.partial == self.state.offload and (conn.tso_mss == TSO_MSS) == flow.partial
             self.core.transmit(flow, conn.take_outgoing())
-            (frame,) = rig.take()
+            (frame,) = self.take(flow.partial)
             pkt, seg = parse_tcp(frame)
             assert (pkt.src, seg.src_port, seg.dst_port, seg.flags) == (dst_ip, dport, flow.key[1], SYN | ACK)
             assert seg.ack == (self.syn_seq[flow] + 1) & 0xFFFFFFFF
@@ -819,7 +930,7 @@ class NatMachine(RuleBasedStateMachine):
             assert conn is None
             if outcome in ("refused", "failed") and not abandoned:
                 (frame,) = frames
-                assert_rst_for_syn(frame, dst_ip, flow.key[1], dport, seq=self.syn_seq[flow])
+                assert_rst_for_syn(frame, dst_ip, flow.key[1], dport, seq=self.syn_seq[flow], verify=False)
             else:
                 assert frames == []
         del self.syn_seq[flow]
@@ -836,7 +947,7 @@ class NatMachine(RuleBasedStateMachine):
         flow = data.draw(st.sampled_from(self.udp_flows))
         payload = data.draw(st.binary(max_size=20))
         self.core.udp_reply(flow, payload, self.rig.now)
-        (frame,) = self.rig.take()
+        (frame,) = self.take()
         pkt, sport, dport, got = parse_udp(frame)
         assert (pkt.src, sport, dport, got) == (flow.key[2], flow.key[3], flow.key[1], payload)
 
@@ -858,7 +969,7 @@ class NatMachine(RuleBasedStateMachine):
         reply = data.draw(st.booleans())
         if reply:
             self.core.ping_reply(p, p.msg.payload)
-            (frame,) = self.rig.take()
+            (frame,) = self.take()
             pkt, msg = parse_icmp(frame)
             assert (pkt.src, pkt.dst, msg.type, msg.seq, bytes(msg.payload)) == \
                 (p.virtual_dst, VM_IP, icmp.ECHO_REPLY, p.msg.seq, bytes(p.msg.payload))
@@ -866,14 +977,69 @@ class NatMachine(RuleBasedStateMachine):
 
     def _dns_done(self, data):
         self.dns -= 1
-        self.core.dns_done(SID)
+        self.core.dns_done(self.sid)
+
+    def _open_endpoint(self, data):
+        remote = (data.draw(st.sampled_from([VM_IP, OTHER_VM_IP])), data.draw(st.sampled_from(VM_PORTS)))
+        ep = self.core.open_endpoint(self.sid, *remote)
+        assert ep.remote == remote and ep.port not in self.core.local_tcp_ports
+        assert N.EPHEMERAL_FIRST <= ep.port <= N.EPHEMERAL_LAST
+        self.endpoints.append(ep)
+
+    def _close_endpoint(self, data):
+        ep = self.endpoints.pop(data.draw(st.integers(0, len(self.endpoints) - 1)))
+        self.core.close_endpoint(ep)
+
+    def _restart(self, data):
+        """The VM's session ends (its flows' reports may still come) and it connects again."""
+        event("session restarted")
+        old = self.sid
+        flows = self.core.close_session(old)
+        assert set(flows) == set(self.open) and not self.core.dirty & set(flows)
+        late_syn = TcpIn(VM_MAC, VM_IP, ALIAS, tcp.Segment(40000, 80, 1, 0, SYN, 65535, mss=1460))
+        assert list(self.core.handle(old, late_syn, self.rig.now)) == [] and self.take() == []
+        self.stale += [("dial", f) for f in self.pending] + [("flow", f) for f in self.open]
+        self.stale += [("udp", f) for f in self.udp_flows] + [("ping", p) for p in self.pings]
+        self.stale += [("dns", old)] * self.dns + [("endpoint", ep) for ep in self.endpoints]
+        self.pending, self.open, self.udp_flows, self.pings, self.endpoints, self.dns = [], [], [], [], [], 0
+        self.sid += 1
+        self.state = self.core.open_session(self.sid, Counters())
+
+    def _stale(self, data):
+        self._stale_report(data.draw(st.integers(0, len(self.stale) - 1)), data.draw(st.sampled_from(OUTCOMES)))
+
+    def _stale_report(self, index: int, outcome: str | None) -> None:
+        """A late report about a session that ended changes nothing, here or in the new session."""
+        kind, what = self.stale.pop(index)
+        state = self.state
+        before = (dict(state.tcp), dict(state.udp), dict(state.endpoints), state.pending_dials, state.pings,
+                  state.dns_queries, dict(state.counters.values), dict(state.counters.drops))
+        if kind == "dial":
+            assert self.core.dial_done(what, outcome, self.rig.now) is None
+            del self.syn_seq[what]
+        elif kind == "flow":
+            self.core.flow_closed(what)
+        elif kind == "udp":
+            self.core.udp_closed(what)
+        elif kind == "ping":
+            self.core.ping_done(what, "no-reply")
+        elif kind == "dns":
+            self.core.dns_done(what)
+        else:
+            self.core.close_endpoint(what)
+        assert self.take() == []
+        assert before == (dict(state.tcp), dict(state.udp), dict(state.endpoints), state.pending_dials, state.pings,
+                          state.dns_queries, dict(state.counters.values), dict(state.counters.drops))
 
     def _shell(self, data):
         # One rule picking among what is possible (rules with preconditions make every step slower).
         ops = [op for op, possible in ((self._dial_done, self.pending), (self._flow_closed, self.open),
                                        (self._udp_reply, self.udp_flows), (self._udp_closed, self.udp_flows),
-                                       (self._ping_done, self.pings), (self._dns_done, self.dns)) if possible]
-        op = data.draw(st.sampled_from(ops + [self._udp_expire]))
+                                       (self._ping_done, self.pings), (self._dns_done, self.dns),
+                                       (self._close_endpoint, self.endpoints), (self._stale, self.stale))
+               if possible]
+        # a session ending is rare: it empties everything the other steps build up
+        op = data.draw(st.sampled_from(ops * 4 + [self._udp_expire, self._open_endpoint] * 2 + [self._restart]))
         op(data)
 
     @rule(data=st.data())
@@ -887,7 +1053,8 @@ class NatMachine(RuleBasedStateMachine):
     # ---- invariants ------------------------------------------------------------------------------
     @invariant()
     def limits_hold_and_tables_match_the_model(self):
-        state = self.rig.state
+        state = self.state
+        assert set(self.core.sessions) == {self.sid} and self.core.sessions[self.sid] is state
         assert len(state.tcp) <= LIMITS["max_tcp_flows"]
         assert state.pending_dials == len(self.pending) <= LIMITS["max_pending_dials"]
         assert set(state.tcp.values()) == set(self.pending) | set(self.open)
@@ -895,10 +1062,12 @@ class NatMachine(RuleBasedStateMachine):
         assert all(state.tcp[f.key] is f for f in self.pending + self.open)
         assert len(state.udp) <= LIMITS["max_udp_flows"]
         assert set(state.udp.values()) == set(self.udp_flows)
+        assert set(state.endpoints.values()) == set(self.endpoints)
+        assert all(state.endpoints[ep.port] is ep for ep in self.endpoints)
         assert state.pings == len(self.pings) <= N.MAX_PINGS
         assert state.dns_queries == self.dns <= N.MAX_DNS_INFLIGHT
         assert self.core.dirty <= set(self.open)
-        assert self.rig.out == []  # every frame was accounted for by the rule that caused it
+        assert self.rig.out == []  # every frame was accounted for by the step that caused it
 
     def teardown(self):
         """Report everything in flight and close everything open: nothing may be left."""
@@ -911,14 +1080,18 @@ class NatMachine(RuleBasedStateMachine):
             self.core.flow_closed(flow)
         for flow in self.udp_flows:
             self.core.udp_closed(flow)
+        for ep in self.endpoints:
+            self.core.close_endpoint(ep)
         for p in self.pings:
             self.core.ping_done(p)
         for _ in range(self.dns):
-            self.core.dns_done(SID)
-        state = self.rig.state
+            self.core.dns_done(self.sid)
+        while self.stale:
+            self._stale_report(0, "refused")
+        state = self.state
         assert state.tcp == {} and state.udp == {} and state.endpoints == {}
         assert (state.pending_dials, state.pings, state.dns_queries) == (0, 0, 0)
-        assert self.core.dirty == set()
+        assert self.core.dirty == set() and self.rig.out == []
 
 
 def test_nat_core_state_machine():
