@@ -379,6 +379,10 @@ class NatCore:
         if state is None:
             return None
         state.pending_dials -= 1
+        # Nothing went to the VM for this flow yet: its checksums follow the offload of now, as
+        # its segment size does (_new_conn), not that of its SYN (a VM that reconnects sends
+        # SYNs before its vm-switch announces offload).
+        flow.partial = state.offload
         if failure is None and not flow.abandoned and state.tcp.get(flow.key) is flow:
             flow.conn = self._new_conn(state, flow.syn, now)
             flow.conn.accept(now)
