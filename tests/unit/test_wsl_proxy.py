@@ -3,12 +3,15 @@ plus the trio shell driven in-process over 127.0.0.0/8 only."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import socket
+import struct
 
 import pytest
 import trio
+import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -281,8 +284,14 @@ async def tcp_upstream(port, nursery, handler):
 
 
 async def echo_handler(stream):
-    while data := await stream.receive_some(65536):
+    await echo_handler_rest(stream, await stream.receive_some(65536))
+
+
+async def echo_handler_rest(stream, data):
+    """Echo ``data`` (already read), then everything else until EOF."""
+    while data:
         await stream.send_all(data)
+        data = await stream.receive_some(65536)
     await stream.send_eof()
 
 
@@ -361,6 +370,77 @@ def test_readd_is_idempotent_and_port_in_use_is_logged(caplog):
     run_with_proxy(test)
     in_use = [r for r in caplog.records if "already in use" in r.getMessage()]
     assert len(in_use) == 1 and in_use[0].levelno == logging.ERROR and str(busy_port) in in_use[0].getMessage()
+
+
+def test_upstream_reset_ends_that_connection_only():
+    """An error on one side of a pipe (here a RST from upstream) ends both
+    directions of that connection; the proxy and the port go on."""
+    port = free_port()
+
+    async def handler(stream):
+        data = await stream.receive_some(100)
+        if data == b"reset":
+            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            await stream.aclose()  # linger 0: the close is a RST
+            return
+        await echo_handler_rest(stream, data)
+
+    async def test(proxy, nursery):
+        await tcp_upstream(port, nursery, handler)
+        await proxy.apply(PortMapping(False, (Binding("tcp", port),)))
+        s = await trio.open_tcp_stream("127.0.0.1", port)
+        await s.send_all(b"reset")
+        with trio.fail_after(5):
+            try:
+                assert await s.receive_some(10) == b""
+            except trio.BrokenResourceError:
+                pass
+        await s.aclose()
+        await trio.testing.wait_all_tasks_blocked()
+        assert proxy.ports[("tcp", port)].connections == 0
+        s = await trio.open_tcp_stream("127.0.0.1", port)
+        await s.send_all(b"fine")
+        with trio.fail_after(5):
+            assert await s.receive_some(10) == b"fine"
+        await s.aclose()
+
+    run_with_proxy(test)
+
+
+def test_control_socket_retries_transient_accept_errors():
+    """EMFILE from accept() is waited out; the next connection is served."""
+
+    class FlakyListener(trio.abc.Listener):
+        def __init__(self, stream):
+            self.results = [OSError(errno.EMFILE, "Too many open files"), stream]
+
+        async def accept(self):
+            await trio.lowlevel.checkpoint()
+            if not self.results:
+                await trio.sleep_forever()
+            result = self.results.pop(0)
+            if isinstance(result, BaseException):
+                raise result
+            return result
+
+        async def aclose(self):
+            pass
+
+    port = free_port()
+
+    async def main():
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                ours, theirs = trio.testing.memory_stream_pair()
+                listener = FlakyListener(theirs)
+                proxy = Proxy(UP, localhosts=V4_ONLY)
+                await nursery.start(proxy.serve, listener)
+                await ours.send_all(json.dumps({"ports": {"80/tcp": [{"HostPort": str(port)}]}}).encode())
+                assert await ours.receive_some(10) == b""  # closed once applied
+                assert list(proxy.ports) == [("tcp", port)]
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
 
 
 def test_upstream_refused_closes_the_client():
