@@ -247,6 +247,9 @@ def test_flags_single_dash_long_and_kebab():
     assert (a.socket_file, a.upstream, a.debug) == ("/tmp/y", "::1", False)
     a = parse_args([])
     assert (a.socket_file, a.upstream, a.logfile) == ("/run/wsl-proxy.sock", "192.168.1.2", "/var/log/wsl-proxy.log")
+    # Go's bool spellings, and yes/no like network-setup (the two copies of this once differed)
+    assert [parse_args([f"-debug={v}"]).debug for v in ("True", "1", "t", "yes", "FALSE", "0", "no")] == [
+        True, True, True, True, False, False, False]
 
 
 def test_flags_bad_upstream_is_a_clear_error(capsys):
