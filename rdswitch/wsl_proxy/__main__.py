@@ -27,8 +27,7 @@ import sys
 import trio
 
 from ..config import go_bools, normalize_argv
-from .flows import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_FLOWS
-from .proxy import Proxy, log
+from .proxy import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_FLOWS, Proxy, log
 from ..logs import setup_logging
 
 DEFAULT_SOCKET = "/run/wsl-proxy.sock"

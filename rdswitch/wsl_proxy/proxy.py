@@ -26,7 +26,7 @@ import attrs
 import trio
 
 from ..aio.tasks import accept_loop, pipe
-from .flows import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_FLOWS, FlowTable
+from ..stack.flowtable import FlowTable
 from .mapping import Binding, MappingError, MessageFramer, PortMapping, parse_mapping
 
 log = logging.getLogger("rdswitch.wsl_proxy")
@@ -37,6 +37,11 @@ MAX_CONTROL_CONNECTIONS = 32
 CONNECT_TIMEOUT = 15.0
 BUFSIZE = 65536
 BACKLOG = 128
+#: A UDP flow (client address -> its own upstream socket) closes after this
+#: many seconds without a datagram either way ...
+DEFAULT_IDLE_TIMEOUT = 60.0
+#: ... and a port has at most this many; a new one evicts the least recently used.
+DEFAULT_MAX_FLOWS = 256
 
 # errors a UDP socket reports for an earlier datagram (ICMP): not fatal
 _TRANSIENT_UDP_ERRORS = {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EMSGSIZE, errno.ENOBUFS, errno.ENOMEM}
