@@ -1,8 +1,9 @@
 """Configuration shared by every rdswitch process.
 
-Every address is derived from the subnet exactly as SPEC.md says: gateway .1,
-VM .2 (static lease for the VM MAC), host-loopback alias .254.  Validation
-errors are raised as :class:`ConfigError` with a message meant for a human.
+Every address is derived from the subnet as the wire contract
+(docs/wire-contract.md) says: gateway .1, VM .2 (static lease for the VM
+MAC), host-loopback alias .254.  Validation errors are raised as
+:class:`ConfigError` with a message meant for a human.
 """
 
 from __future__ import annotations

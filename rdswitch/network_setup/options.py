@@ -42,7 +42,7 @@ DEFAULT_LOGFILE = "/var/log/network-setup.log"
 DEFAULT_VM_SWITCH_LOGFILE = "/var/log/vm-switch.log"
 DEFAULT_STOP_TIMEOUT = 2.0
 
-#: The fixed part of the init command (SPEC.md "network-setup flags").
+#: The fixed part of the init command, as the incumbent network-setup runs it.
 UNSHARE_PREFIX = ("unshare", "--pid", "--mount-proc", "--fork", "--propagation", "slave")
 
 LONG_FLAGS = {
