@@ -254,7 +254,7 @@ async def echo_handler_rest(stream, data):
     await stream.send_eof()
 
 
-def run_with_proxy(test, **kw):
+def run_with_proxy(test, clock=None, **kw):
     async def main():
         with trio.fail_after(20):
             async with trio.open_nursery() as nursery:
@@ -263,7 +263,7 @@ def run_with_proxy(test, **kw):
                 await test(proxy, nursery)
                 nursery.cancel_scope.cancel()
 
-    trio.run(main)
+    trio.run(main, clock=clock)
 
 
 class _IdleListener(trio.abc.Listener):
@@ -415,7 +415,7 @@ def test_upstream_refused_closes_the_client():
                 except trio.BrokenResourceError:
                     pass
             await s.aclose()
-        await trio.sleep(0.05)
+        await trio.testing.wait_all_tasks_blocked()  # the proxy's side has finished too
         assert proxy.ports[("tcp", port)].connections == 0
 
     run_with_proxy(test)
@@ -423,6 +423,9 @@ def test_upstream_refused_closes_the_client():
 
 def test_udp_forward_flows_and_idle_timeout():
     port = free_port(socket.SOCK_DGRAM)
+    # Real time runs on (MockClock rate 1) for the sockets; the idle timeout passes
+    # by a jump of the clock, so it is long enough never to expire a flow early.
+    IDLE = 5.0
 
     async def test(proxy, nursery):
         up = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -446,12 +449,12 @@ def test_udp_forward_flows_and_idle_timeout():
             with trio.fail_after(5):
                 assert await c.recv(100) == b"PING%d" % i
         # at most 2 flows per port: the least recently used was evicted
-        await trio.sleep(0.05)
+        await trio.testing.wait_all_tasks_blocked()  # its task has ended
         assert entry.connections == 2
-        # idle flows close their upstream sockets
-        with trio.fail_after(5):
-            while entry.connections:
-                await trio.sleep(0.05)
+        # idle flows close their upstream sockets: move the clock past the idle timeout
+        trio.lowlevel.current_clock().jump(IDLE + 1)
+        await trio.testing.wait_all_tasks_blocked()  # the reaper ran and the flows ended
+        assert entry.connections == 0
         # a client that comes back gets a fresh flow
         await clients[0].send(b"again")
         with trio.fail_after(5):
@@ -461,7 +464,7 @@ def test_udp_forward_flows_and_idle_timeout():
         await proxy.apply(PortMapping(True, (Binding("udp", port),)))
         assert entry.connections == 0 and entry.done.is_set()
 
-    run_with_proxy(test, udp_idle_timeout=0.3, udp_max_flows=2)
+    run_with_proxy(test, clock=trio.testing.MockClock(rate=1.0), udp_idle_timeout=IDLE, udp_max_flows=2)
 
 
 def test_bind_error_other_than_in_use_is_reported():
