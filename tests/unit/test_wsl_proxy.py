@@ -254,6 +254,16 @@ async def echo_handler_rest(stream, data):
     await stream.send_eof()
 
 
+async def assert_closed(stream) -> None:
+    """The proxy has closed ``stream`` (EOF or a reset, within 5 s); close our end too."""
+    with trio.fail_after(5):
+        try:
+            assert await stream.receive_some(10) == b""
+        except trio.BrokenResourceError:
+            pass
+    await stream.aclose()
+
+
 def run_with_proxy(test, clock=None, **kw):
     async def main():
         with trio.fail_after(20):
@@ -295,12 +305,7 @@ def test_tcp_forward_half_close_and_remove_closes_open_connections():
         assert await s.receive_some(10) == b"x"
         await proxy.apply(PortMapping(True, (Binding("tcp", port),)))
         assert proxy.ports == {}
-        with trio.fail_after(5):
-            try:
-                assert await s.receive_some(10) == b""
-            except trio.BrokenResourceError:
-                pass
-        await s.aclose()
+        await assert_closed(s)
         with pytest.raises(OSError):
             await trio.open_tcp_stream("127.0.0.1", port)
 
@@ -349,12 +354,7 @@ def test_upstream_reset_ends_that_connection_only():
         await proxy.apply(PortMapping(False, (Binding("tcp", port),)))
         s = await trio.open_tcp_stream("127.0.0.1", port)
         await s.send_all(b"reset")
-        with trio.fail_after(5):
-            try:
-                assert await s.receive_some(10) == b""
-            except trio.BrokenResourceError:
-                pass
-        await s.aclose()
+        await assert_closed(s)
         await trio.testing.wait_all_tasks_blocked()
         assert proxy.ports[("tcp", port)].connections == 0
         s = await trio.open_tcp_stream("127.0.0.1", port)
@@ -409,12 +409,7 @@ def test_upstream_refused_closes_the_client():
         await proxy.apply(PortMapping(False, (Binding("tcp", port),)))
         for _ in range(20):
             s = await trio.open_tcp_stream("127.0.0.1", port)
-            with trio.fail_after(5):
-                try:
-                    assert await s.receive_some(10) == b""
-                except trio.BrokenResourceError:
-                    pass
-            await s.aclose()
+            await assert_closed(s)
         await trio.testing.wait_all_tasks_blocked()  # the proxy's side has finished too
         assert proxy.ports[("tcp", port)].connections == 0
 
