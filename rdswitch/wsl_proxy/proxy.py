@@ -251,7 +251,7 @@ class Proxy:
                     return
                 async with upstream:
                     try:
-                        await pipe(client, upstream)
+                        await pipe(client, upstream, BUFSIZE)
                     except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as group:
                         # a reset or a closed end: both directions are over; the proxy goes on
                         log.debug("%s: connection ended: %s", entry.binding, group.exceptions[0])
