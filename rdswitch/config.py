@@ -1,8 +1,9 @@
 """Configuration shared by every rdswitch process.
 
-Every address is derived from the subnet as the wire contract (docs/wire-contract.md) says: gateway .1,
-VM .2 (static lease for the VM MAC), host-loopback alias .254.  Validation
-errors are raised as :class:`ConfigError` with a message meant for a human.
+Every address is derived from the subnet as the wire contract
+(docs/wire-contract.md) says: gateway .1, VM .2 (static lease for the VM
+MAC), host-loopback alias .254.  Validation errors are raised as
+:class:`ConfigError` with a message meant for a human.
 """
 
 from __future__ import annotations
@@ -141,5 +142,33 @@ def normalize_argv(argv: list[str], long_flags: set[str]) -> list[str]:
             name = arg[1:].split("=", 1)[0]
             if name in long_flags:
                 arg = "-" + arg
+        out.append(arg)
+    return out
+
+
+#: Values taken as true / false for a boolean flag (compared case-insensitively):
+#: every spelling of Go's strconv.ParseBool, which the incumbent's flag
+#: package uses, plus yes/no, which network-setup has always accepted.
+BOOL_TRUE = frozenset({"1", "t", "true", "yes"})
+BOOL_FALSE = frozenset({"0", "f", "false", "no"})
+
+
+def go_bools(argv: list[str], bool_flags: set[str]) -> list[str]:
+    """Accept Go's ``--flag=true`` / ``--flag=false`` for the boolean flags in ``bool_flags``.
+
+    Run it after :func:`normalize_argv` (so ``-debug=true`` is ``--debug=true``
+    here).  A true value becomes ``--flag``; a false one is dropped (every
+    boolean flag defaults to off).  Any other value is left as it is, for
+    argparse to reject.  ``bool_flags`` are names without dashes.
+    """
+    out = []
+    for arg in argv:
+        if arg.startswith("--") and "=" in arg:
+            name, value = arg[2:].split("=", 1)
+            if name in bool_flags:
+                if value.lower() in BOOL_TRUE:
+                    arg = "--" + name
+                elif value.lower() in BOOL_FALSE:
+                    continue
         out.append(arg)
     return out

@@ -1,6 +1,6 @@
 """Frame codecs for the data connection (sans-IO).
 
-SPEC.md "Framing on the data connection":
+The framings of the data connection (the wire contract, docs/wire-contract.md):
 
 * ``stdio`` (alias ``hyperkit``; the default, used by Rancher Desktop): each
   Ethernet frame is preceded by its length as an unsigned 16-bit
@@ -33,7 +33,7 @@ STREAM_FRAMINGS: tuple[str, ...] = ("stdio", "qemu")
 DATAGRAM_FRAMINGS: tuple[str, ...] = ("bess", "vfkit")
 ALIASES: dict[str, str] = {"hyperkit": "stdio", "dgram": "vfkit"}
 
-#: The datagram a vfkit peer sends first (SPEC.md).
+#: The datagram a vfkit peer sends first.
 VFKIT_HELLO = b"VFKT"
 
 #: Largest frame the 16-bit prefix can describe; also the default limit.

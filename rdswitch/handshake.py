@@ -1,4 +1,4 @@
-"""The vsock handshake (SPEC.md "Handshake"), over streams by URL.
+"""The vsock handshake of the wire contract (docs/wire-contract.md), over streams by URL.
 
 VM side (network-setup): :func:`serve_handshake` listens (vsock port 6669 in
 production), writes the 53-byte signature to every connection and returns
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 PROBE_TIMEOUT = 2.0
 #: Seconds the VM side waits for READY on one connection.
 READY_TIMEOUT = 10.0
-#: Give-up time for the whole handshake (SPEC.md: 5 minutes).
+#: Give-up time for the whole handshake: 5 minutes, as the wire contract says.
 GIVE_UP = 300.0
 
 HVSOCK_GUID_TEMPLATE = "%08x-facb-11e6-bd58-64006a7986d3"
@@ -48,7 +48,7 @@ def check_ready(data: bytes) -> bool:
 
 
 def hvsock_guid(port: int) -> str:
-    """The Hyper-V socket service GUID for a vsock port (SPEC.md)."""
+    """The Hyper-V socket service GUID for a vsock port (the wire contract's template)."""
     if not isinstance(port, int) or not 0 <= port <= 0xFFFFFFFF:
         raise ValueError(f"vsock port {port!r} must be 0..4294967295")
     return HVSOCK_GUID_TEMPLATE % port

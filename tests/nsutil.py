@@ -8,6 +8,7 @@ live only there) when the context exits, even if the test failed.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import itertools
 import os
 import signal
@@ -117,3 +118,47 @@ def wait_for(pred, timeout: float = 10, interval: float = 0.05, what: str = "con
 
 def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+_TCP_STATES = {1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2", 6: "TIME_WAIT",
+               7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK", 10: "LISTEN", 11: "CLOSING", 12: "NEW_SYN_RECV"}
+
+
+def _socket_inodes(pid: int) -> set[int]:
+    inodes = set()
+    fd_dir = f"/proc/{pid}/fd"
+    for fd in os.listdir(fd_dir):
+        with contextlib.suppress(FileNotFoundError):  # closed meanwhile
+            target = os.readlink(os.path.join(fd_dir, fd))
+            if target.startswith("socket:["):
+                inodes.add(int(target[8:-1]))
+    return inodes
+
+
+def _proc_net_addr(text: str) -> tuple[str, int]:
+    """``0100007F:1F90`` (or the 32-digit IPv6 form) -> ("127.0.0.1", 8080)."""
+    hexip, hexport = text.split(":")
+    raw = bytes.fromhex(hexip)
+    raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))  # each 32-bit word is host-endian
+    return str(ipaddress.ip_address(raw)), int(hexport, 16)
+
+
+def tcp_sockets(pid: int) -> list[tuple[str, tuple[str, int], tuple[str, int]]]:
+    """Process ``pid``'s TCP sockets as (state, (local ip, port), (remote ip, port)), e.g. ("SYN_SENT", ...)."""
+    inodes = _socket_inodes(pid)
+    out = []
+    for name in ("tcp", "tcp6"):
+        with contextlib.suppress(FileNotFoundError):
+            with open(f"/proc/{pid}/net/{name}") as f:  # the tables of pid's own network namespace
+                lines = f.read().splitlines()[1:]
+            for line in lines:
+                fields = line.split()
+                if int(fields[9]) in inodes:
+                    state = int(fields[3], 16)
+                    out.append((_TCP_STATES.get(state, str(state)), _proc_net_addr(fields[1]), _proc_net_addr(fields[2])))
+    return out
+
+
+def listening(pid: int, host: str, port: int) -> bool:
+    """Whether process ``pid`` has a TCP socket listening on ``host``:``port``."""
+    return any(state == "LISTEN" and local == (host, port) for state, local, _ in tcp_sockets(pid))

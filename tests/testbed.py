@@ -20,7 +20,7 @@ import time
 import nsutil
 
 PY = sys.executable
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def free_port(host: str = "127.0.0.1", kind=socket.SOCK_STREAM) -> int:

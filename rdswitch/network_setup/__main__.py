@@ -1,12 +1,20 @@
 """network-setup: handshake, data connection, namespace + veth, vm-switch and init.
 
-Sequence (SPEC.md): remove a stale host veth; answer the handshake until the
-host sends READY; dial the host's data connection; create the namespace and
-the veth pair; start vm-switch inside the namespace with the connection's fd;
-start the distro's init there under ``unshare``; wait.  When vm-switch exits,
-or on SIGTERM/SIGINT, stop the children and remove the veth, the namespace and
-the pid file.  Exit status: 0 after a signal, 1 when setup failed or
-vm-switch exited on its own.
+Setup, in order: remove a stale host veth (and a stale namespace); answer the
+host's handshake until it sends READY (the wire contract,
+docs/wire-contract.md); dial the host's data connection; create the namespace
+and the veth pair; start vm-switch inside the namespace, handing it the
+connection's fd; start the distro's init there under ``unshare`` and write its
+pid file.
+
+Then it keeps the network up for as long as init runs (with no init: until a
+signal).  When vm-switch exits (the host-switch restarted, or vm-switch
+crashed) the namespace, the veth and init stay as they are: network-setup
+answers the handshake again, dials a new data connection and starts a new
+vm-switch on it.  It shuts down when init exits, when that reconnection
+fails, or on SIGTERM/SIGINT: it stops the children and removes the veth, the
+namespace and the pid file.  Exit status: 0 after a signal, 1 when setup or a
+reconnection failed or init exited.
 """
 
 from __future__ import annotations
@@ -143,7 +151,8 @@ async def setup(opts: Options, st: State) -> None:
 
 
 async def run(opts: Options, st: State) -> None:
-    """Set up, then wait for vm-switch to exit (a signal cancels this from outside)."""
+    """Set up, then start a new vm-switch whenever it exits, until init exits or a
+    reconnection fails (a signal cancels this from outside)."""
     try:
         await setup(opts, st)
     except (SetupError, links.LinkError, HandshakeError, ConfigError) as exc:

@@ -2,7 +2,8 @@
 
 Every function here is meant to run inside one ``trio.to_thread.run_sync``
 call and creates, uses and closes its own IPRoute there (pyroute2's async API
-does not run under trio).  Namespaces are the iproute2 kind (a bind mount
+does not run under trio); the helpers shared with vm-switch are in
+:mod:`rdswitch.netlink`.  Namespaces are the iproute2 kind (a bind mount
 under /run/netns), so ``ip netns exec NAME`` finds them.
 """
 
@@ -14,6 +15,8 @@ import os
 
 from pyroute2 import IPRoute, netns
 from pyroute2.netlink.exceptions import NetlinkError
+
+from ..netlink import link_index, loopback_up
 
 NETNS_DIR = "/run/netns"
 
@@ -30,19 +33,14 @@ def netns_exists(name: str) -> bool:
     return os.path.exists(netns_path(name))
 
 
-def link_exists(name: str) -> bool:
-    with IPRoute() as ipr:
-        return bool(ipr.link_lookup(ifname=name))
-
-
 def delete_link(name: str) -> bool:
     """Delete interface ``name`` in this namespace; True if it existed."""
     with IPRoute() as ipr:
-        idx = ipr.link_lookup(ifname=name)
-        if not idx:
+        idx = link_index(ipr, name)
+        if idx is None:
             return False
         try:
-            ipr.link("del", index=idx[0])
+            ipr.link("del", index=idx)
         except NetlinkError as exc:
             if exc.code == errno.ENODEV:  # vanished meanwhile (e.g. its namespace went away)
                 return False
@@ -91,25 +89,23 @@ def setup_veth(ns_name: str, host_if: str, ns_if: str, host_addr: ipaddress.IPv4
                 ipr.link("add", ifname=host_if, kind="veth", peer={"ifname": ns_if, "net_ns_fd": nsfd})
             except NetlinkError as exc:
                 raise LinkError(f"cannot create veth pair {host_if}/{ns_if}: {exc}") from exc
-            idx = ipr.link_lookup(ifname=host_if)
-            if not idx:
+            idx = link_index(ipr, host_if)
+            if idx is None:
                 raise LinkError(f"veth {host_if} vanished right after it was created")
             try:
-                ipr.addr("add", index=idx[0], address=str(host_addr.ip), prefixlen=host_addr.network.prefixlen)
-                ipr.link("set", index=idx[0], state="up")
+                ipr.addr("add", index=idx, address=str(host_addr.ip), prefixlen=host_addr.network.prefixlen)
+                ipr.link("set", index=idx, state="up")
             except NetlinkError as exc:
                 raise LinkError(f"cannot configure {host_if} with {host_addr}: {exc}") from exc
     finally:
         os.close(nsfd)
     with IPRoute(netns=ns_name, flags=0) as nipr:
         try:
-            lo = nipr.link_lookup(ifname="lo")
-            if lo:
-                nipr.link("set", index=lo[0], state="up")
-            idx = nipr.link_lookup(ifname=ns_if)
-            if not idx:
+            loopback_up(nipr)
+            idx = link_index(nipr, ns_if)
+            if idx is None:
                 raise LinkError(f"veth {ns_if} did not appear in namespace {ns_name}")
-            nipr.addr("add", index=idx[0], address=str(ns_addr.ip), prefixlen=ns_addr.network.prefixlen)
-            nipr.link("set", index=idx[0], state="up")
+            nipr.addr("add", index=idx, address=str(ns_addr.ip), prefixlen=ns_addr.network.prefixlen)
+            nipr.link("set", index=idx, state="up")
         except NetlinkError as exc:
             raise LinkError(f"cannot configure {ns_if} in {ns_name} with {ns_addr}: {exc}") from exc

@@ -24,6 +24,7 @@ from ..config import (
     ConfigError,
     NetConfig,
     format_mac,
+    go_bools,
     normalize_argv,
     parse_mac,
 )
@@ -41,7 +42,7 @@ DEFAULT_LOGFILE = "/var/log/network-setup.log"
 DEFAULT_VM_SWITCH_LOGFILE = "/var/log/vm-switch.log"
 DEFAULT_STOP_TIMEOUT = 2.0
 
-#: The fixed part of the init command (SPEC.md "network-setup flags").
+#: The fixed part of the init command, as the incumbent network-setup runs it.
 UNSHARE_PREFIX = ("unshare", "--pid", "--mount-proc", "--fork", "--propagation", "slave")
 
 LONG_FLAGS = {
@@ -49,6 +50,8 @@ LONG_FLAGS = {
     "logfile", "handshake-listen", "host-url", "netns", "veth-host-name", "veth-ns-name", "veth-host-address",
     "veth-ns-address", "pid-file", "stop-timeout", "dial-attempts", "init-foreground",
 }
+#: The flags that take Go's ``-flag=true|false`` spelling too.
+BOOL_FLAGS = {"debug", "vm-switch-offload"}
 
 # Linux interface names: 1..15 bytes, no '/', no whitespace, not "." or "..".
 _IFNAME_RE = re.compile(r"^[^/\s:]{1,15}$")
@@ -214,28 +217,10 @@ def validate(ns: argparse.Namespace) -> Options:
     )
 
 
-_TRUE = ("1", "t", "true", "yes")
-_FALSE = ("0", "f", "false", "no")
-
-
-def go_bools(argv: list[str]) -> list[str]:
-    """Go's flag package accepts ``-debug=true`` / ``-debug=false``; map them onto ``--debug`` / nothing."""
-    out = []
-    for arg in argv:
-        if arg.startswith("--debug="):
-            value = arg.split("=", 1)[1].lower()
-            if value in _TRUE:
-                arg = "--debug"
-            elif value in _FALSE:
-                continue
-        out.append(arg)
-    return out
-
-
 def parse_args(argv: list[str]) -> Options:
     """Parse argv (single-dash incumbent spellings accepted); exit 2 with a message on bad input."""
     parser = build_parser()
-    ns = parser.parse_args(go_bools(normalize_argv(list(argv), LONG_FLAGS)))
+    ns = parser.parse_args(go_bools(normalize_argv(list(argv), LONG_FLAGS), BOOL_FLAGS))
     try:
         return validate(ns)
     except ConfigError as exc:

@@ -22,6 +22,7 @@ import trio
 from ..aio import connect, links
 from ..urls import parse_url
 from ..config import ConfigError, NetConfig, format_mac, normalize_argv, parse_mac, parse_mtu
+from .. import netlink
 from ..logs import describe
 from ..framing import validate_framing
 from ..wire import ethernet, ipv4, offload, udp
@@ -85,7 +86,7 @@ class VmSwitch:
         self.dhcp_wakeup = trio.Event()
 
     async def run(self) -> int:
-        if await trio.to_thread.run_sync(tap.link_exists, self.name):
+        if await trio.to_thread.run_sync(netlink.link_exists, self.name):
             log.error("interface %s already exists; refusing to start", self.name)
             return 1
         self.tap_fd = tap.open_tap(self.name, self.args.offload)

@@ -3,6 +3,7 @@
 Netlink calls are blocking; every function here that talks netlink is meant to
 run inside ``trio.to_thread.run_sync`` and creates, uses and closes its own
 ``IPRoute`` in that thread (pyroute2's async API does not run under trio).
+The helpers shared with network-setup are in :mod:`rdswitch.netlink`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import os
 import struct
 
 from pyroute2 import IPRoute
+
+from ..netlink import link_index, loopback_up
 
 TUNSETIFF = 0x400454CA
 TUNSETOFFLOAD = 0x400454D0
@@ -27,11 +30,6 @@ MAX_GSO_SIZE = 65000  # below 65535 - 14 with room for how the kernel counts hea
 
 class TapError(RuntimeError):
     pass
-
-
-def link_exists(name: str) -> bool:
-    with IPRoute() as ipr:
-        return bool(ipr.link_lookup(ifname=name))
 
 
 def open_tap(name: str, offload: bool = False) -> int:
@@ -58,25 +56,25 @@ def open_tap(name: str, offload: bool = False) -> int:
 def setup_link(name: str, mac: str, mtu: int, offload: bool = False) -> None:
     """Set MAC and MTU (and the TSO size limit with offload), bring the tap and ``lo`` up."""
     with IPRoute() as ipr:
-        lo = ipr.link_lookup(ifname="lo")
-        if lo:
-            ipr.link("set", index=lo[0], state="up")
-        idx = ipr.link_lookup(ifname=name)
-        if not idx:
-            raise TapError(f"tap {name!r} disappeared")
-        ipr.link("set", index=idx[0], address=mac, mtu=mtu)
+        loopback_up(ipr)
+        idx = _tap_index(ipr, name)
+        ipr.link("set", index=idx, address=mac, mtu=mtu)
         if offload:
-            ipr.link("set", index=idx[0], gso_max_size=MAX_GSO_SIZE)
-        ipr.link("set", index=idx[0], state="up")
+            ipr.link("set", index=idx, gso_max_size=MAX_GSO_SIZE)
+        ipr.link("set", index=idx, state="up")
+
+
+def _tap_index(ipr: IPRoute, name: str) -> int:
+    idx = link_index(ipr, name)
+    if idx is None:
+        raise TapError(f"tap {name!r} disappeared")
+    return idx
 
 
 def configure_address(name: str, ip: str, prefixlen: int, router: str | None, mtu: int | None) -> None:
     """Replace eth0's IPv4 addresses with ``ip/prefixlen``; default route via ``router``."""
     with IPRoute() as ipr:
-        idx = ipr.link_lookup(ifname=name)
-        if not idx:
-            raise TapError(f"tap {name!r} disappeared")
-        idx = idx[0]
+        idx = _tap_index(ipr, name)
         if mtu:
             ipr.link("set", index=idx, mtu=mtu)
         current = [(a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr(index=idx, family=2)]
@@ -91,6 +89,6 @@ def configure_address(name: str, ip: str, prefixlen: int, router: str | None, mt
 
 def flush_addresses(name: str) -> None:
     with IPRoute() as ipr:
-        idx = ipr.link_lookup(ifname=name)
-        if idx:
-            ipr.flush_addr(index=idx[0], family=2)
+        idx = link_index(ipr, name)
+        if idx is not None:
+            ipr.flush_addr(index=idx, family=2)

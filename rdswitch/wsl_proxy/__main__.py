@@ -26,9 +26,8 @@ import sys
 
 import trio
 
-from ..config import normalize_argv
-from .flows import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_FLOWS
-from .proxy import Proxy, log
+from ..config import go_bools, normalize_argv
+from .proxy import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_FLOWS, Proxy, log
 from ..logs import setup_logging
 
 DEFAULT_SOCKET = "/run/wsl-proxy.sock"
@@ -40,20 +39,6 @@ _LONG_FLAGS = {
     "udp-idle-timeout", "udp-max-flows",
 }
 _HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
-
-
-def _go_bools(argv: list[str]) -> list[str]:
-    """Go's flag package accepts -debug=true / -debug=false."""
-    out = []
-    for arg in argv:
-        if arg.startswith("--debug="):
-            value = arg.split("=", 1)[1].lower()
-            if value in ("1", "t", "true"):
-                arg = "--debug"
-            elif value in ("0", "f", "false"):
-                continue
-        out.append(arg)
-    return out
 
 
 def _upstream(text: str) -> str:
@@ -101,7 +86,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help=f"seconds before an idle UDP flow is closed (default {DEFAULT_IDLE_TIMEOUT:g})")
     p.add_argument("--udp-max-flows", dest="udp_max_flows", type=_positive_int, default=DEFAULT_MAX_FLOWS,
                    help=f"UDP flows per port; the least recently used is evicted beyond it (default {DEFAULT_MAX_FLOWS})")
-    return p.parse_args(_go_bools(normalize_argv(argv, _LONG_FLAGS)))
+    return p.parse_args(go_bools(normalize_argv(argv, _LONG_FLAGS), {"debug"}))
 
 
 def open_control_socket(path: str) -> socket.socket:

@@ -18,13 +18,15 @@ leak.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import socket as _stdsocket
 
 import attrs
 import trio
 
-from .flows import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_FLOWS, FlowTable
+from ..aio.tasks import accept_loop, pipe
+from ..stack.flowtable import FlowTable
 from .mapping import Binding, MappingError, MessageFramer, PortMapping, parse_mapping
 
 log = logging.getLogger("rdswitch.wsl_proxy")
@@ -35,8 +37,11 @@ MAX_CONTROL_CONNECTIONS = 32
 CONNECT_TIMEOUT = 15.0
 BUFSIZE = 65536
 BACKLOG = 128
-# accept() errors that mean "out of resources right now", not "listener broken"
-_TRANSIENT_ACCEPT_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED}
+#: A UDP flow (client address -> its own upstream socket) closes after this
+#: many seconds without a datagram either way ...
+DEFAULT_IDLE_TIMEOUT = 60.0
+#: ... and a port has at most this many; a new one evicts the least recently used.
+DEFAULT_MAX_FLOWS = 256
 
 # errors a UDP socket reports for an earlier datagram (ICMP): not fatal
 _TRANSIENT_UDP_ERRORS = {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EMSGSIZE, errno.ENOBUFS, errno.ENOMEM}
@@ -88,16 +93,7 @@ class Proxy:
             try:
                 task_status.started()
                 async with listener:
-                    while True:
-                        try:
-                            stream = await listener.accept()
-                        except OSError as exc:
-                            if exc.errno in _TRANSIENT_ACCEPT_ERRORS:
-                                log.error("control socket: accept failed: %s; retrying", exc.strerror)
-                                await trio.sleep(0.1)
-                                continue
-                            raise
-                        nursery.start_soon(self._control_connection, stream)
+                    await accept_loop(listener, self._control_connection, nursery, "control socket", log)
             finally:
                 nursery.cancel_scope.cancel()
                 self.ports.clear()
@@ -236,17 +232,11 @@ class Proxy:
 
     async def _tcp_listener(self, entry: PortEntry, host: str, sock, nursery: trio.Nursery) -> None:
         async with trio.SocketListener(sock) as listener:
-            while True:
-                try:
-                    stream = await listener.accept()
-                except OSError as exc:
-                    if exc.errno in _TRANSIENT_ACCEPT_ERRORS:
-                        log.error("%s on %s: accept failed: %s; retrying", entry.binding, host, exc.strerror)
-                        await trio.sleep(0.1)
-                        continue
-                    log.error("%s on %s: listener failed: %s", entry.binding, host, exc)
-                    return
-                nursery.start_soon(self._tcp_pipe, entry, stream)
+            try:
+                await accept_loop(listener, functools.partial(self._tcp_pipe, entry), nursery,
+                                  f"{entry.binding} on {host}", log)
+            except OSError as exc:  # not transient: this listener is broken; the port's other listener goes on
+                log.error("%s on %s: listener failed: %s", entry.binding, host, exc)
 
     async def _tcp_pipe(self, entry: PortEntry, client: trio.SocketStream) -> None:
         entry.connections += 1
@@ -260,9 +250,11 @@ class Proxy:
                     log.warning("%s: cannot reach upstream %s:%s: %s", entry.binding, self.upstream, port, exc or "timeout")
                     return
                 async with upstream:
-                    async with trio.open_nursery() as pipe:
-                        pipe.start_soon(_copy, client, upstream, pipe.cancel_scope)
-                        pipe.start_soon(_copy, upstream, client, pipe.cancel_scope)
+                    try:
+                        await pipe(client, upstream, BUFSIZE)
+                    except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as group:
+                        # a reset or a closed end: both directions are over; the proxy goes on
+                        log.debug("%s: connection ended: %s", entry.binding, group.exceptions[0])
         finally:
             entry.connections -= 1
 
@@ -338,19 +330,6 @@ class Proxy:
             await trio.sleep(interval)
             for flow in table.expire(trio.current_time()):
                 flow.scope.cancel()
-
-
-async def _copy(src: trio.abc.Stream, dst: trio.abc.HalfCloseableStream, scope: trio.CancelScope) -> None:
-    """Copy until EOF, then carry the half-close; any error ends the whole pipe."""
-    try:
-        while True:
-            data = await src.receive_some(BUFSIZE)
-            if not data:
-                await dst.send_eof()
-                return
-            await dst.send_all(data)
-    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-        scope.cancel()
 
 
 def _preview(data: bytes, limit: int = 80) -> bytes:

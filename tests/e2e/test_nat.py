@@ -1,4 +1,4 @@
-"""Issue 3 end to end: TCP, UDP and ICMP from the VM namespace through the NAT.
+"""The NAT end to end: TCP, UDP and ICMP from the VM namespace through the host-switch.
 
 Servers run only on the host's 127.0.0.1 or inside an "internet" namespace the
 test creates (198.18.0.0/15, the benchmarking range, on a veth it owns).
@@ -123,7 +123,9 @@ def test_closed_port_refused_fast_and_unreachable_does_not_block(bed, host_serve
     blocker = subprocess.Popen(nsutil.ns_cmd(vm.ns, [sys.executable, PEERS, "refused", unused, "80"]),
                                stdout=subprocess.PIPE, text=True)
     try:
-        time.sleep(0.3)
+        nsutil.wait_for(lambda: any(state == "SYN_SENT" and remote == (unused, 80)
+                                    for state, _local, remote in nsutil.tcp_sockets(hs.pid)),
+                        10, what=f"the host-switch dialling {unused}:80")
         assert peer(vm, "many", ALIAS, host_server, 20) == ["20"]
         assert blocker.poll() is None  # still waiting
     finally:
@@ -183,7 +185,8 @@ def test_ping_is_forwarded_for_real(bed, internet):
 
 def test_session_end_closes_host_sockets(bed, host_server):
     hs = bed.host_switch()
-    time.sleep(0.5)
+    # its last start-up step (the sockets, log file and services are open): the fds a session adds come on top
+    nsutil.wait_for(lambda: "listening on" in hs.read_log(), 10, what="host-switch start-up")
     baseline = nsutil.fd_count(hs.pid)
     vm = bed.vm(hs)
     # hold flows open: a long download the VM never finishes reading, plus UDP flows
@@ -201,20 +204,27 @@ def test_session_end_closes_host_sockets(bed, host_server):
         holder.wait()
 
 
+def wait_listening(server: subprocess.Popen, port: int) -> None:
+    """Until ``server`` listens on 127.0.0.1:``port`` (without connecting: iperf3 -1 serves one client)."""
+    nsutil.wait_for(lambda: server.poll() is not None or nsutil.listening(server.pid, "127.0.0.1", port), 10,
+                    what=f"iperf3 listening on {port}")
+    assert server.poll() is None, "iperf3 exited"
+
+
 def test_iperf3_both_directions(bed):
     hs = bed.host_switch("--mtu", "65520")
     vm = bed.vm(hs)
     port = free_port()
     server = subprocess.Popen(["iperf3", "-s", "-B", "127.0.0.1", "-p", str(port), "-1"], stdout=subprocess.DEVNULL)
     try:
-        time.sleep(0.5)
+        wait_listening(server, port)
         out = vm.run(["iperf3", "-c", ALIAS, "-p", str(port), "-t", "2", "-J"], timeout=30).stdout
         up = json.loads(out)["end"]["sum_received"]["bits_per_second"]
     finally:
         stop(server)
     server = subprocess.Popen(["iperf3", "-s", "-B", "127.0.0.1", "-p", str(port), "-1"], stdout=subprocess.DEVNULL)
     try:
-        time.sleep(0.5)
+        wait_listening(server, port)
         out = vm.run(["iperf3", "-c", ALIAS, "-p", str(port), "-t", "2", "-R", "-J"], timeout=30).stdout
         down = json.loads(out)["end"]["sum_received"]["bits_per_second"]
     finally:

@@ -12,7 +12,6 @@ import socket
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -210,7 +209,9 @@ def test_no_fd_leak_over_1000_connections(proxy, upstream):
     proxy.send(tcp_mapping(up, proto="udp"))
     for _ in range(5):
         assert echo_once(ep) == b"x"
-    time.sleep(0.2)
+    # the proxy has closed both sockets of those connections: only its listeners are left
+    nsutil.wait_for(lambda: {state for state, _l, _r in nsutil.tcp_sockets(proxy.proc.pid)} == {"LISTEN"}, 10,
+                    what="the proxy closing its finished connections")
     baseline = proxy.fds()
 
     for i in range(1000):

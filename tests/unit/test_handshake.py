@@ -1,5 +1,6 @@
 import pytest
 import trio
+import trio.testing
 
 from rdswitch.config import READY, SIGNATURE
 from rdswitch.handshake import (
@@ -41,13 +42,20 @@ def test_hvsock_guid():
         hvsock_guid(2**32)
 
 
-async def _fake_server(url, reply, *, task_status=trio.TASK_STATUS_IGNORED):
-    """Accepts connections and writes reply (or nothing, if None) to each."""
+async def _fake_server(url, reply, on_accept=None, *, task_status=trio.TASK_STATUS_IGNORED):
+    """Accepts connections and writes reply (or nothing, if None) to each.
+
+    ``on_accept(n)`` is called with the number of connections accepted so far.
+    """
     listener = await listen_stream(url)
     task_status.started(listener.url)
+    accepted = 0
     async with listener:
         while True:
             s = await listener.accept()
+            accepted += 1
+            if on_accept is not None:
+                on_accept(accepted)
             if reply is not None:
                 await s.send_all(reply)
                 await s.aclose()
@@ -64,7 +72,10 @@ def test_full_handshake_then_data_link(tmp_path):
     async def main():
         async with trio.open_nursery() as nursery:
             await nursery.start(_fake_server, wrong, SIGNATURE[:-1] + b"X")
-            await nursery.start(_fake_server, silent, None)
+            # the host probes every candidate once a round, all at once; the silent
+            # one's second probe means a whole round (hs included) found nothing
+            second_round = trio.Event()
+            await nursery.start(_fake_server, silent, None, lambda n: n == 2 and second_round.set())
 
             vm_result = []
 
@@ -76,7 +87,7 @@ def test_full_handshake_then_data_link(tmp_path):
                 await link.aclose()
 
             async def start_vm_late():
-                await trio.sleep(0.3)  # the host is already probing
+                await second_round.wait()  # the host is already probing, and hs did not answer
                 nursery.start_soon(vm_side)
 
             nursery.start_soon(start_vm_late)
@@ -101,16 +112,21 @@ def test_full_handshake_then_data_link(tmp_path):
 def test_find_vm_gives_up(tmp_path):
     wrong = f"unix://{tmp_path}/wrong.sock"
 
+    probes = []
+
     async def main():
         async with trio.open_nursery() as nursery:
-            await nursery.start(_fake_server, wrong, b"not the phrase")
+            await nursery.start(_fake_server, wrong, b"not the phrase", probes.append)
             t0 = trio.current_time()
             with pytest.raises(HandshakeError, match="no VM answered"):
                 await find_vm([wrong, f"unix://{tmp_path}/none.sock"], interval=0.05, give_up=0.3)
-            assert 0.25 < trio.current_time() - t0 < 2
+            assert trio.current_time() - t0 == pytest.approx(0.3)  # virtual time: exactly give_up
             nursery.cancel_scope.cancel()
 
-    run(main)
+    # A mock clock that jumps whenever every task waits: the rounds (one every
+    # 0.05 s, each over at once) run in no real time, and the timing is exact.
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert 6 <= len(probes) <= 7  # a round every 0.05 s from 0 until it gave up at 0.3 (a tie at 0.3 may go either way)
     with pytest.raises(HandshakeError):
         trio.run(find_vm, [])
 
@@ -124,7 +140,8 @@ def test_probe_reads_a_slow_signature_in_pieces(tmp_path):
         s = await listener.accept()
         for i in range(0, len(SIGNATURE), 10):
             await s.send_all(SIGNATURE[i : i + 10])
-            await trio.sleep(0.01)
+            # the prober has taken this piece and waits for more: each piece is its own read
+            await trio.testing.wait_all_tasks_blocked()
         await s.aclose()
         await listener.aclose()
 

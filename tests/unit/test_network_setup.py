@@ -11,12 +11,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rdswitch.config import ConfigError
+from rdswitch.config import ConfigError, go_bools
 from rdswitch.network_setup import children
 from rdswitch.network_setup.options import (
     UNSHARE_PREFIX,
     build_parser,
-    go_bools,
     init_command,
     parse_args,
     parse_interface_address,
@@ -60,13 +59,42 @@ def test_incumbent_single_dash_flags():
 
 
 @pytest.mark.parametrize("arg,expected", [("-debug=true", True), ("-debug=false", False), ("--debug=1", True),
-                                          ("-debug=f", False), ("-debug", True)])
+                                          ("-debug=f", False), ("-debug", True), ("-debug=TRUE", True),
+                                          ("-debug=False", False), ("-debug=yes", True), ("-debug=no", False)])
 def test_go_style_bool(arg, expected):
     assert parse_args([arg]).debug is expected
 
 
-def test_go_bools_leaves_other_flags():
-    assert go_bools(["--subnet=x", "--debug=maybe"]) == ["--subnet=x", "--debug=maybe"]
+@pytest.mark.parametrize("arg,expected", [("-vm-switch-offload=true", True), ("--vm-switch-offload=0", False),
+                                          ("-vm-switch-offload", True)])
+def test_go_style_bool_for_every_bool_flag(arg, expected):
+    assert parse_args([arg]).offload is expected
+
+
+def test_go_style_bool_bad_value_is_an_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        parse_args(["-debug=maybe"])
+    assert info.value.code == 2
+    assert "--debug" in capsys.readouterr().err
+
+
+# Every spelling of Go's strconv.ParseBool, plus yes/no (network-setup's
+# copy took them, wsl-proxy's did not; wsl-proxy's took no other flag).
+@pytest.mark.parametrize("value", ["1", "t", "T", "TRUE", "true", "True", "yes", "YES"])
+def test_go_bools_true_becomes_the_bare_flag(value):
+    assert go_bools([f"--debug={value}", "--x"], {"debug", "x"}) == ["--debug", "--x"]
+
+
+@pytest.mark.parametrize("value", ["0", "f", "F", "FALSE", "false", "False", "no", "No"])
+def test_go_bools_false_drops_the_flag(value):
+    assert go_bools(["--a", f"--debug={value}", "--b=1"], {"debug"}) == ["--a", "--b=1"]
+
+
+def test_go_bools_leaves_other_flags_and_values():
+    assert go_bools(["--subnet=x", "--debug=maybe", "--debug=", "-d=true", "--offload=true"], {"debug", "offload"}) == [
+        "--subnet=x", "--debug=maybe", "--debug=", "-d=true", "--offload"]
+    # a non-boolean flag's value that happens to read "true" is its value
+    assert go_bools(["--subnet=true", "--name=false"], {"debug"}) == ["--subnet=true", "--name=false"]
 
 
 def test_mac_is_normalized():

@@ -112,10 +112,11 @@ def transfer(link: Link, data_ab: bytes, data_ba: bytes, rng: random.Random, max
 def test_handshake_active_passive_and_negotiation():
     link = handshake(mss_a=1460, mss_b=8960, b_kw={"rcv_buffer": 1 << 20}, a_kw={"rcv_buffer": 1 << 16})
     a, b = link.a, link.b
-    (_, syn), (_, synack), (_, ack) = link.log[0:0] + [("ab", None)] + link.log[:2] if False else [(None, None)] * 3
-    # inspect the wire: SYN-ACK carries MSS and wscale; the final ACK carries neither
-    synack = link.log[0][1]
+    # inspect the wire (the SYN went straight to B): SYN-ACK carries MSS and wscale; the final ACK neither
+    (d1, synack), (d2, ack) = link.log[:2]
+    assert (d1, d2) == ("ba", "ab")
     assert synack.flags == SYN | ACK and synack.mss == 8960 and synack.ack == 1001
+    assert ack.flags == ACK and ack.mss is None and ack.wscale is None and ack.seq == 1001
     assert synack.wscale == T.choose_wscale(1 << 20) == 5
     assert b.eff_mss == a.eff_mss == 1460
     assert a.snd_wscale == 5 and b.rcv_wscale == 5
@@ -281,12 +282,15 @@ def test_loss_retransmitted_after_rto_with_backoff():
     a.send(b"hello world", 0.0)
     link.pump()
     assert b.readable == 0 and len(lost) == 1
-    assert a.next_timeout() == pytest.approx(link.now + a._rto)
+    rto = a._rto
+    assert 2 * rto <= a.rto_max  # so the doubled RTO below is not capped
+    assert a.next_timeout() == pytest.approx(link.now + rto)
     link.advance(a.next_timeout() - link.now)  # first retransmission, also lost
     assert len(lost) == 2 and b.readable == 0
     first = link.now
+    assert a.next_timeout() - first == pytest.approx(2 * rto)  # backed off: twice the RTO
     link.advance(a.next_timeout() - link.now)
-    assert link.now - first == pytest.approx(2 * (first - 0.0) if first <= 1.0 else link.now - first)
+    assert link.now - first == pytest.approx(2 * rto)
     assert b.read(100, link.now) == b"hello world"
     assert a.all_sent_acked and a.next_timeout() is None
 

@@ -1,19 +1,22 @@
-"""wsl-proxy: the sans-IO mapping parser, message framer and UDP flow table,
-plus the trio shell driven in-process over 127.0.0.0/8 only."""
+"""wsl-proxy: the sans-IO mapping parser and message framer, plus the trio
+shell driven in-process over 127.0.0.0/8 only (its UDP flow table is tested
+in test_flowtable.py)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import socket
+import struct
 
 import pytest
 import trio
+import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rdswitch.wsl_proxy.__main__ import parse_args
-from rdswitch.wsl_proxy.flows import FlowTable
 from rdswitch.wsl_proxy.mapping import (
     MAX_MESSAGE,
     Binding,
@@ -190,50 +193,6 @@ def test_framer_limits_size():
             f.feed(b'{"a": "' + b"x" * 50)
 
 
-# ---------------------------------------------------------------- FlowTable
-
-
-def test_flow_table_lru_eviction_and_idle_expiry():
-    t: FlowTable = FlowTable(idle_timeout=60, max_flows=2)
-    assert t.add("a", "A", now=0) == []
-    assert t.add("b", "B", now=1) == []
-    assert t.get("a", now=2) == "A"  # a is now the most recently used
-    assert t.add("c", "C", now=3) == ["B"]
-    assert set(t.values()) == {"A", "C"}
-    assert t.expire(now=61) == []
-    assert t.next_expiry() == 62
-    assert t.expire(now=62) == ["A"]
-    t.touch("c", now=100)
-    assert t.expire(now=159) == [] and t.expire(now=160) == ["C"]
-    assert len(t) == 0 and t.next_expiry() is None
-
-
-def test_flow_table_remove_only_the_same_flow():
-    t: FlowTable = FlowTable(idle_timeout=1, max_flows=5)
-    t.add("a", "A1", 0)
-    assert t.add("a", "A2", 0) == ["A1"]
-    t.remove("a", "A1")  # a stale flow finishing must not drop its successor
-    assert "a" in t
-    t.remove("a", "A2")
-    assert "a" not in t
-
-
-@given(st.lists(st.tuples(st.sampled_from("abcdef"), st.integers(0, 5)), max_size=60), st.integers(1, 4))
-def test_flow_table_never_exceeds_its_bound(ops, bound):
-    t: FlowTable = FlowTable(idle_timeout=10, max_flows=bound)
-    now, live = 0, {}
-    for key, dt in ops:
-        now += dt
-        for v in t.expire(now):
-            live.pop(v)
-        if t.get(key, now) is None:
-            flow = object()
-            for v in t.add(key, flow, now):
-                live.pop(v)
-            live[flow] = key
-        assert len(t) <= bound and len(t) == len(live)
-
-
 # ---------------------------------------------------------------- flags
 
 
@@ -244,6 +203,9 @@ def test_flags_single_dash_long_and_kebab():
     assert (a.socket_file, a.upstream, a.debug) == ("/tmp/y", "::1", False)
     a = parse_args([])
     assert (a.socket_file, a.upstream, a.logfile) == ("/run/wsl-proxy.sock", "192.168.1.2", "/var/log/wsl-proxy.log")
+    # Go's bool spellings, and yes/no like network-setup (the two copies of this once differed)
+    assert [parse_args([f"-debug={v}"]).debug for v in ("True", "1", "t", "yes", "FALSE", "0", "no")] == [
+        True, True, True, True, False, False, False]
 
 
 def test_flags_bad_upstream_is_a_clear_error(capsys):
@@ -281,12 +243,28 @@ async def tcp_upstream(port, nursery, handler):
 
 
 async def echo_handler(stream):
-    while data := await stream.receive_some(65536):
+    await echo_handler_rest(stream, await stream.receive_some(65536))
+
+
+async def echo_handler_rest(stream, data):
+    """Echo ``data`` (already read), then everything else until EOF."""
+    while data:
         await stream.send_all(data)
+        data = await stream.receive_some(65536)
     await stream.send_eof()
 
 
-def run_with_proxy(test, **kw):
+async def assert_closed(stream) -> None:
+    """The proxy has closed ``stream`` (EOF or a reset, within 5 s); close our end too."""
+    with trio.fail_after(5):
+        try:
+            assert await stream.receive_some(10) == b""
+        except trio.BrokenResourceError:
+            pass
+    await stream.aclose()
+
+
+def run_with_proxy(test, clock=None, **kw):
     async def main():
         with trio.fail_after(20):
             async with trio.open_nursery() as nursery:
@@ -295,7 +273,7 @@ def run_with_proxy(test, **kw):
                 await test(proxy, nursery)
                 nursery.cancel_scope.cancel()
 
-    trio.run(main)
+    trio.run(main, clock=clock)
 
 
 class _IdleListener(trio.abc.Listener):
@@ -327,12 +305,7 @@ def test_tcp_forward_half_close_and_remove_closes_open_connections():
         assert await s.receive_some(10) == b"x"
         await proxy.apply(PortMapping(True, (Binding("tcp", port),)))
         assert proxy.ports == {}
-        with trio.fail_after(5):
-            try:
-                assert await s.receive_some(10) == b""
-            except trio.BrokenResourceError:
-                pass
-        await s.aclose()
+        await assert_closed(s)
         with pytest.raises(OSError):
             await trio.open_tcp_stream("127.0.0.1", port)
 
@@ -363,6 +336,72 @@ def test_readd_is_idempotent_and_port_in_use_is_logged(caplog):
     assert len(in_use) == 1 and in_use[0].levelno == logging.ERROR and str(busy_port) in in_use[0].getMessage()
 
 
+def test_upstream_reset_ends_that_connection_only():
+    """An error on one side of a pipe (here a RST from upstream) ends both
+    directions of that connection; the proxy and the port go on."""
+    port = free_port()
+
+    async def handler(stream):
+        data = await stream.receive_some(100)
+        if data == b"reset":
+            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            await stream.aclose()  # linger 0: the close is a RST
+            return
+        await echo_handler_rest(stream, data)
+
+    async def test(proxy, nursery):
+        await tcp_upstream(port, nursery, handler)
+        await proxy.apply(PortMapping(False, (Binding("tcp", port),)))
+        s = await trio.open_tcp_stream("127.0.0.1", port)
+        await s.send_all(b"reset")
+        await assert_closed(s)
+        await trio.testing.wait_all_tasks_blocked()
+        assert proxy.ports[("tcp", port)].connections == 0
+        s = await trio.open_tcp_stream("127.0.0.1", port)
+        await s.send_all(b"fine")
+        with trio.fail_after(5):
+            assert await s.receive_some(10) == b"fine"
+        await s.aclose()
+
+    run_with_proxy(test)
+
+
+def test_control_socket_retries_transient_accept_errors():
+    """EMFILE from accept() is waited out; the next connection is served."""
+
+    class FlakyListener(trio.abc.Listener):
+        def __init__(self, stream):
+            self.results = [OSError(errno.EMFILE, "Too many open files"), stream]
+
+        async def accept(self):
+            await trio.lowlevel.checkpoint()
+            if not self.results:
+                await trio.sleep_forever()
+            result = self.results.pop(0)
+            if isinstance(result, BaseException):
+                raise result
+            return result
+
+        async def aclose(self):
+            pass
+
+    port = free_port()
+
+    async def main():
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                ours, theirs = trio.testing.memory_stream_pair()
+                listener = FlakyListener(theirs)
+                proxy = Proxy(UP, localhosts=V4_ONLY)
+                await nursery.start(proxy.serve, listener)
+                await ours.send_all(json.dumps({"ports": {"80/tcp": [{"HostPort": str(port)}]}}).encode())
+                assert await ours.receive_some(10) == b""  # closed once applied
+                assert list(proxy.ports) == [("tcp", port)]
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
 def test_upstream_refused_closes_the_client():
     port = free_port()  # nothing listens on 127.0.0.2:port
 
@@ -370,13 +409,8 @@ def test_upstream_refused_closes_the_client():
         await proxy.apply(PortMapping(False, (Binding("tcp", port),)))
         for _ in range(20):
             s = await trio.open_tcp_stream("127.0.0.1", port)
-            with trio.fail_after(5):
-                try:
-                    assert await s.receive_some(10) == b""
-                except trio.BrokenResourceError:
-                    pass
-            await s.aclose()
-        await trio.sleep(0.05)
+            await assert_closed(s)
+        await trio.testing.wait_all_tasks_blocked()  # the proxy's side has finished too
         assert proxy.ports[("tcp", port)].connections == 0
 
     run_with_proxy(test)
@@ -384,6 +418,9 @@ def test_upstream_refused_closes_the_client():
 
 def test_udp_forward_flows_and_idle_timeout():
     port = free_port(socket.SOCK_DGRAM)
+    # Real time runs on (MockClock rate 1) for the sockets; the idle timeout passes
+    # by a jump of the clock, so it is long enough never to expire a flow early.
+    IDLE = 5.0
 
     async def test(proxy, nursery):
         up = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -407,12 +444,12 @@ def test_udp_forward_flows_and_idle_timeout():
             with trio.fail_after(5):
                 assert await c.recv(100) == b"PING%d" % i
         # at most 2 flows per port: the least recently used was evicted
-        await trio.sleep(0.05)
+        await trio.testing.wait_all_tasks_blocked()  # its task has ended
         assert entry.connections == 2
-        # idle flows close their upstream sockets
-        with trio.fail_after(5):
-            while entry.connections:
-                await trio.sleep(0.05)
+        # idle flows close their upstream sockets: move the clock past the idle timeout
+        trio.lowlevel.current_clock().jump(IDLE + 1)
+        await trio.testing.wait_all_tasks_blocked()  # the reaper ran and the flows ended
+        assert entry.connections == 0
         # a client that comes back gets a fresh flow
         await clients[0].send(b"again")
         with trio.fail_after(5):
@@ -422,7 +459,7 @@ def test_udp_forward_flows_and_idle_timeout():
         await proxy.apply(PortMapping(True, (Binding("udp", port),)))
         assert entry.connections == 0 and entry.done.is_set()
 
-    run_with_proxy(test, udp_idle_timeout=0.3, udp_max_flows=2)
+    run_with_proxy(test, clock=trio.testing.MockClock(rate=1.0), udp_idle_timeout=IDLE, udp_max_flows=2)
 
 
 def test_bind_error_other_than_in_use_is_reported():

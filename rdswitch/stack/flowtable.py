@@ -1,9 +1,10 @@
-"""UDP flow bookkeeping for wsl-proxy (sans-IO: the caller passes ``now``).
+"""A table of flows with an idle timeout and an LRU bound (sans-IO: the caller passes ``now``).
 
-A flow is one client address on one localhost UDP listener, carried by its
-own upstream socket.  Flows idle out after ``idle_timeout`` seconds without a
-datagram in either direction, and at most ``max_flows`` exist per port: a new
-flow beyond that evicts the least recently used one.
+A flow is whatever the caller keeps per key (wsl-proxy: one client address
+on one localhost UDP listener, carried by its own upstream socket).  Flows
+idle out after ``idle_timeout`` seconds without activity (``add``, ``get``, ``touch``),
+and at most ``max_flows`` exist: adding one beyond that evicts the least
+recently used.  The table only says which flows to close; the caller closes them.
 """
 
 from __future__ import annotations
@@ -14,12 +15,9 @@ from typing import Generic, Hashable, TypeVar
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
-DEFAULT_IDLE_TIMEOUT = 60.0
-DEFAULT_MAX_FLOWS = 256
-
 
 class FlowTable(Generic[K, V]):
-    def __init__(self, idle_timeout: float = DEFAULT_IDLE_TIMEOUT, max_flows: int = DEFAULT_MAX_FLOWS):
+    def __init__(self, idle_timeout: float, max_flows: int):
         if idle_timeout <= 0:
             raise ValueError("idle_timeout must be positive")
         if max_flows < 1:
