@@ -21,6 +21,7 @@ import trio
 from ..aio.tasks import accept_loop, pipe
 from ..logs import describe
 from ..services.forwarder import Forward
+from ..stack.flowtable import FlowTable
 
 log = logging.getLogger("rdswitch.forwarder")
 
@@ -136,17 +137,12 @@ class Forwarder:
         fwd = active.forward
         nat = self.nat
         vm_ip = socket.inet_aton(fwd.remote_ip)
-        clients: dict[tuple, tuple] = {}  # host client address -> (UdpEndpoint, session)
-        last_seen: dict[tuple, float] = {}
-
-        def forget(addr) -> None:
-            ep, _session = clients.pop(addr)
-            last_seen.pop(addr, None)
-            nat.close_endpoint(ep)
+        # host client address -> (its gateway port in the VM's session, that session)
+        clients: FlowTable[tuple, tuple] = FlowTable(UDP_IDLE, UDP_MAX_CLIENTS)
 
         def replier(addr):
             def on_reply(payload) -> None:
-                last_seen[addr] = trio.current_time()
+                clients.touch(addr, trio.current_time())
                 try:
                     sock.sendto(bytes(payload), addr)  # non-blocking; a full buffer drops
                 except OSError:
@@ -168,19 +164,18 @@ class Forwarder:
                         if found is None:
                             continue
                         session, vm_mac = found
-                        entry = clients.get(addr)
+                        entry = clients.get(addr, now)
                         if entry is not None and (entry[1] is not session or not nat.endpoint_alive(entry[0])):
-                            forget(addr)  # the VM's session was replaced
+                            clients.remove(addr)  # the VM's session was replaced
+                            nat.close_endpoint(entry[0])
                             entry = None
                         if entry is None:
-                            if len(clients) >= UDP_MAX_CLIENTS:
-                                forget(min(clients, key=lambda a: last_seen[a]))
-                            ep = nat.open_endpoint(session, vm_ip, fwd.remote_port, replier(addr))
-                            entry = clients[addr] = (ep, session)
-                        last_seen[addr] = now
+                            entry = (nat.open_endpoint(session, vm_ip, fwd.remote_port, replier(addr)), session)
+                            for old_ep, _old_session in clients.add(addr, entry, now):
+                                nat.close_endpoint(old_ep)
                         nat.send_udp(session, vm_mac, entry[0].port, vm_ip, fwd.remote_port, data)
-                    for addr in [a for a, seen in last_seen.items() if now - seen > UDP_IDLE]:
-                        forget(addr)
+                    for ep, _session in clients.expire(now):
+                        nat.close_endpoint(ep)
         finally:
-            for addr in list(clients):
-                forget(addr)
+            for ep, _session in clients.values():
+                nat.close_endpoint(ep)

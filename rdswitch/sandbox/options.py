@@ -21,7 +21,7 @@ import attrs
 PROG = "python -m rdswitch sandbox"
 DEFAULT_SUBNET = "192.168.127.0/24"
 DEFAULT_ALLOW = ("127.0.0.0/8",)
-#: The veth pair of the contract (SPEC.md, network-setup defaults).  It lives in
+#: The veth pair of the contract (docs/wire-contract.md, network-setup defaults).  It lives in
 #: the sandbox's own "VM" namespace, never in the host's, so two sandboxes
 #: (or a host LAN on 192.168.1.0/24) do not collide.
 VETH_HOST = "veth-rd0"
