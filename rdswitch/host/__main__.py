@@ -18,6 +18,7 @@ import trio
 from ..aio import connect
 from ..urls import parse_url
 from ..config import ConfigError, NetConfig, normalize_argv
+from ..aio import trace
 from ..aio.tasks import accept_loop
 from ..framing import validate_framing
 from ..handshake import HandshakeError, find_vm, signal_ready
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gateway-mac", default="5a:94:ef:e4:0c:dd")
     p.add_argument("--vm-mac", default="5a:94:ef:e4:0c:ee", help="MAC that gets the static lease .2")
     p.add_argument("--debug", action="store_true")
+    p.add_argument("--trace-latency", default=None, metavar="FILE", help="append per-hop timestamps of small TCP segments to FILE (see rdswitch/aio/trace.py; env RDSWITCH_TRACE_LATENCY)")
     p.add_argument("--logfile", default=None)
     p.add_argument("--api-listen", action="append", default=[], metavar="URL",
                    help="also serve the HTTP API on this host socket (unix:///path or tcp://127.0.0.1:PORT); "
@@ -155,6 +157,7 @@ def raise_fd_limit() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging(args.debug, args.logfile)
+    trace.start(args.trace_latency)
     raise_fd_limit()
     return trio.run(amain, args)
 

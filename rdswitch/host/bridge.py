@@ -23,6 +23,7 @@ from typing import Callable
 
 import trio
 
+from ..aio import trace
 from ..stack.tcp import TIME_WAIT, TcpConnection
 
 log = logging.getLogger("rdswitch.nat")
@@ -96,6 +97,8 @@ class HostBridge:
             except OSError as exc:
                 self._fail(exc)
                 return
+            if trace.enabled:
+                trace.hop("hs.host_write", n)
             if n < len(data):
                 self._pending = memoryview(data)[n:]
                 self._writer_wakeup.set()
@@ -159,6 +162,8 @@ class HostBridge:
             except OSError as exc:
                 self._fail(exc)
                 return
+            if trace.enabled:
+                trace.hop("hs.host_read", len(data))
             now = trio.current_time()
             if not data:
                 self._host_eof = True

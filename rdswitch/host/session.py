@@ -15,6 +15,8 @@ import logging
 
 import trio
 
+from ..aio import trace
+
 from ..stack.counters import Counters
 
 log = logging.getLogger("rdswitch.host")
@@ -84,6 +86,8 @@ class Session:
                 return
             values["frames_out"] += len(frames)
             values["bytes_out"] += size
+            if trace.enabled:
+                trace.frames("hs.link_write", frames)
             if not clear:
                 self._wakeup.unpark_all()
             return

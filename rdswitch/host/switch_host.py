@@ -20,6 +20,7 @@ import logging
 
 import trio
 
+from ..aio import trace
 from ..config import NetConfig
 from ..framing import FramingError
 from ..logs import describe, leaves
@@ -127,6 +128,8 @@ class HostSwitch:
                         egress(replies)
                     if event is not None:
                         nat_handle(session, event, now)
+                        if trace.enabled:
+                            trace.frames("hs.nat", (frame,))
                 except MalformedPacket as exc:
                     counters.drop(exc.reason)
                     log.debug("%r: dropped malformed frame: %s", session, exc)
@@ -193,6 +196,8 @@ class HostSwitch:
             frames = await receive()
             if not frames:
                 return
+            if trace.enabled:
+                trace.frames("hs.link_read", frames)
             self.from_vm(session, frames)
 
     def stats(self) -> dict:

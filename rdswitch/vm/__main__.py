@@ -19,7 +19,7 @@ import sys
 
 import trio
 
-from ..aio import connect, links
+from ..aio import connect, links, trace
 from ..urls import parse_url
 from ..config import ConfigError, NetConfig, format_mac, normalize_argv, parse_mac, parse_mtu
 from .. import netlink
@@ -54,6 +54,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "(TSO) and the host-switch may send 64 KiB segments with partial checksums that the "
                         "kernel segments; needs rdswitch's host-switch (frames exceed the MTU)")
     p.add_argument("--retry-interval", type=float, default=1.0, help="seconds between reconnects when a session fails")
+    p.add_argument("--trace-latency", default=None, metavar="FILE", help="append per-hop timestamps of small TCP segments to FILE (see rdswitch/aio/trace.py; env RDSWITCH_TRACE_LATENCY)")
     args = p.parse_args(normalize_argv(argv, LONG_FLAGS))
     try:
         args.mac = parse_mac(args.tap_mac_address)
@@ -144,7 +145,11 @@ class VmSwitch:
                 frames.append(frame)
                 size += len(frame)
             if frames:
+                if trace.enabled:
+                    trace.frames("vm.tap_read", frames)
                 await link.send_batch(frames)
+                if trace.enabled:
+                    trace.frames("vm.link_write", frames)
 
     async def link_to_tap(self, link) -> None:
         fd = self.tap_fd
@@ -161,6 +166,8 @@ class VmSwitch:
             frames = await link.receive_batch()
             if not frames:
                 return
+            if trace.enabled:
+                trace.frames("vm.link_read", frames)
             for frame in frames:
                 if is_dhcp_reply(frame, self.mac):
                     self.on_dhcp_frame(frame)
@@ -173,6 +180,8 @@ class VmSwitch:
                     if exc.errno not in (errno.EINVAL, errno.EIO):
                         raise
                     log.debug("tap rejected a %d-byte frame: %s", len(frame), exc)
+            if trace.enabled:
+                trace.frames("vm.tap_write", frames)
 
     # ---- DHCP ---------------------------------------------------------------------------
     def on_dhcp_frame(self, frame) -> None:
@@ -253,6 +262,7 @@ def write_resolv_conf(path: str, lease) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging(args.debug, args.logfile)
+    trace.start(args.trace_latency)
     try:
         return trio.run(VmSwitch(args).run)
     except tap.TapError as exc:
