@@ -24,7 +24,6 @@ flows    opens COUNT TCP connections and holds them: prints "READY n" once
 """
 
 import json
-import os
 import select
 import socket
 import statistics
