@@ -190,6 +190,33 @@ def encode(framing: str, frames: Iterable[bytes]) -> bytes:
     return b"".join(parts)
 
 
+def encoder(framing: str):
+    """``encode`` for one framing, with the framing checked once (the hot path)."""
+    framing = validate_framing(framing)
+    if framing not in STREAM_FRAMINGS:
+        raise ConfigError(f"framing {framing!r} sends one frame per datagram; there is nothing to encode")
+    pack = _PREFIX[framing].pack
+    limit = _HARD_LIMIT[framing]
+
+    def encode_frames(frames) -> bytes:
+        if len(frames) == 1:
+            frame = frames[0]
+            n = len(frame)
+            if 0 < n <= limit:
+                return pack(n) + frame
+        parts: list[bytes] = []
+        append = parts.append
+        for frame in frames:
+            n = len(frame)
+            if n == 0 or n > limit:
+                raise FramingError("zero-length frame" if n == 0 else f"frame too large ({n} > {limit})")
+            append(pack(n))
+            append(frame)
+        return b"".join(parts)
+
+    return encode_frames
+
+
 def check_datagram(data: bytes, max_frame: int = MAX_FRAME) -> bytes:
     """Validate one datagram-framed frame (bess, vfkit); return it unchanged."""
     n = len(data)

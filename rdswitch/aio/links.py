@@ -24,6 +24,7 @@ from rdswitch.framing import (
     StreamDecoder,
     check_datagram,
     encode,
+    encoder,
     validate_framing,
 )
 
@@ -190,6 +191,7 @@ class SocketFrameLink(FrameLink):
         self.peer = peer
         self._decoder = StreamDecoder(self.framing, max_frame)
         self._recv_chunk = recv_chunk
+        self._encode = encoder(self.framing)
         self._pending: collections.deque[memoryview] = collections.deque()
         self._pending_bytes = 0
         self._flush_lock = trio.StrictFIFOLock()
@@ -231,7 +233,7 @@ class SocketFrameLink(FrameLink):
     def try_send(self, frames: list[bytes]) -> bool:
         if self._closed:
             raise trio.ClosedResourceError("link was closed")
-        buf = encode(self.framing, frames)
+        buf = self._encode(frames)
         if self._pending:  # keep the order: behind what already waits
             self._pending.append(memoryview(buf))
             self._pending_bytes += len(buf)

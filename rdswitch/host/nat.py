@@ -287,19 +287,20 @@ class NatShell:
         try:
             with sock:
                 while True:
-                    with trio.move_on_at(flow.last_activity + idle) as scope:
-                        await trio.lowlevel.wait_readable(sock)
-                    if scope.cancelled_caught:
-                        if core.udp_expired(flow, trio.current_time()):
-                            return
-                        continue
-                    now = trio.current_time()
-                    for _ in range(64):  # drain what is queued, bounded
-                        try:
-                            data = sock.recv(65535)
-                        except (BlockingIOError, ConnectionRefusedError):
-                            break  # refused: an ICMP error for an earlier send; keep the flow
-                        core.udp_reply(flow, data, now)
+                    # One scope per idle period, not per datagram: activity moves last_activity
+                    # on, and the scope firing early costs one check, not a re-arm per datagram.
+                    with trio.CancelScope(deadline=flow.last_activity + idle):
+                        while True:
+                            await trio.lowlevel.wait_readable(sock)
+                            now = trio.current_time()
+                            for _ in range(64):  # drain what is queued, bounded
+                                try:
+                                    data = sock.recv(65535)
+                                except (BlockingIOError, ConnectionRefusedError):
+                                    break  # refused: an ICMP error for an earlier send; keep the flow
+                                core.udp_reply(flow, data, now)
+                    if core.udp_expired(flow, trio.current_time()):
+                        return
         except OSError as exc:
             log.debug("udp flow %s failed: %s", flow.dst, exc)
         finally:

@@ -1,13 +1,14 @@
 """ICMP echo from the host on a VM's behalf: the VM gets the real reply, never a forged one.
 
-Each session gets one unprivileged ping socket (Linux: ``SOCK_DGRAM`` +
-``IPPROTO_ICMP``; the kernel picks the identifier and hands back only the
-replies to it).  An echo request goes out inline from the frame path with a
-sequence number of ours, so echoes from several processes of the VM never
+Each session gets one ICMP socket: an unprivileged ping socket (Linux:
+``SOCK_DGRAM`` + ``IPPROTO_ICMP``; the kernel picks the identifier and hands
+back only the replies to it), or where those are not allowed
+(``net.ipv4.ping_group_range``) and we may, a raw ICMP socket with an
+identifier of ours.  An echo request goes out inline from the frame path with
+a sequence number of ours, so echoes from several processes of the VM never
 collide; one task per session reads the replies, gives each the VM's own
 identifier and sequence back, and expires requests that get no answer.
-Where ping sockets are not allowed, :func:`ping_once` sends each request
-from a raw socket in a task of its own.
+Where neither socket can be had, :func:`ping_once` tries once per request.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import random
 import socket
 
 import trio
@@ -39,9 +41,10 @@ def _strip_ip_header(data: bytes) -> bytes | memoryview:
 class Pinger:
     """The ping socket of one session, and the echoes waiting for a reply."""
 
-    def __init__(self, core: NatCore, sock: socket.socket) -> None:
+    def __init__(self, core: NatCore, sock: socket.socket, ident: int = 0) -> None:
         self.core = core
         self.sock = sock
+        self.ident = ident  # ours on a raw socket (0: a ping socket, where the kernel sets it)
         self._waiting: collections.OrderedDict[int, tuple[core_mod.Ping, float]] = collections.OrderedDict()
         self._seq = 0
         self._scope: trio.CancelScope | None = None
@@ -50,11 +53,16 @@ class Pinger:
     def open(cls, core: NatCore) -> "Pinger | None":
         try:
             sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
+            ident = 0
         except OSError as exc:
-            log.debug("no ping socket (%s); echoes use raw sockets", exc)
-            return None
+            try:
+                sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+            except OSError:
+                log.debug("neither a ping socket (%s) nor a raw socket: echoes are tried one by one", exc)
+                return None
+            ident = random.getrandbits(16)
         sock.setblocking(False)
-        return cls(core, sock)
+        return cls(core, sock, ident)
 
     def send(self, ping: core_mod.Ping, now: float) -> None:
         """Send the echo request now (sync); its reply or its timeout is reported to the core."""
@@ -63,7 +71,7 @@ class Pinger:
             if self._seq not in self._waiting:
                 break
         seq = self._seq
-        request = icmp.build(icmp.IcmpMessage(icmp.ECHO_REQUEST, 0, seq, ping.msg.payload))
+        request = icmp.build(icmp.IcmpMessage(icmp.ECHO_REQUEST, 0, (self.ident << 16) | seq, ping.msg.payload))
         try:
             self.sock.sendto(request, (ping.dst, 0))
         except OSError as exc:
@@ -99,8 +107,8 @@ class Pinger:
                         reply = icmp.parse(_strip_ip_header(data))
                     except ValueError:
                         continue
-                    if reply.type != icmp.ECHO_REPLY:
-                        continue
+                    if reply.type != icmp.ECHO_REPLY or (self.ident and reply.ident != self.ident):
+                        continue  # a raw socket sees every echo reply of the host
                     entry = waiting.get(reply.seq)
                     if entry is None or entry[0].dst != addr[0]:
                         continue

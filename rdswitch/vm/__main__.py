@@ -131,6 +131,7 @@ class VmSwitch:
         fd = self.tap_fd
         read = os.read
         skip = offload.VNET_HDR_LEN if self.args.offload else 0
+        inline = link.can_send_inline
         while True:
             await trio.lowlevel.wait_readable(fd)
             frames = []
@@ -147,7 +148,9 @@ class VmSwitch:
             if frames:
                 if trace.enabled:
                     trace.frames("vm.tap_read", frames)
-                await link.send_batch(frames)
+                # inline when the socket takes it (the loop's wait_readable is the checkpoint)
+                if not (inline and link.try_send(frames)):
+                    await (link.flush() if inline else link.send_batch(frames))
                 if trace.enabled:
                     trace.frames("vm.link_write", frames)
 
