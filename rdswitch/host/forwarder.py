@@ -44,6 +44,7 @@ class _Active:
     forward: Forward
     scope: trio.CancelScope
     conn_scopes: set = attrs.field(factory=set)
+    closed: trio.Event = attrs.field(factory=trio.Event)  # its listeners are closed (and socket file removed)
 
 
 class Forwarder:
@@ -150,6 +151,8 @@ class Forwarder:
         active.scope.cancel()
         for scope in list(active.conn_scopes):
             scope.cancel()
+        with trio.move_on_after(5):  # answer once the port is free and the socket file gone
+            await active.closed.wait()
         log.info("stopped forwarding %s/%s", *key)
 
     async def _run(self, active: _Active, listeners: list, socks: list[socket.socket]) -> None:
@@ -164,6 +167,7 @@ class Forwarder:
                             nursery.start_soon(self._serve_udp, active, sock)
         finally:
             await _discard(listeners, socks)
+            active.closed.set()
 
     async def _serve_stream(self, active: _Active, listener) -> None:
         async with trio.open_nursery() as nursery:  # holds no connection: each runs in its VM's session
