@@ -20,6 +20,7 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 from quart import Response, request
 from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
 
 from ..aio.tasks import accept_loop
 from ..config import ConfigError
@@ -83,7 +84,10 @@ def create_app(hs, forwarder, dns=None) -> QuartTrio:
 
     @app.get("/services/dns/all")
     async def dns_all():
-        return _json(dns.all_zones() if dns is not None else [])
+        # gvisor-tap-vsock's []types.Zone (what pkg/client's ListDNS decodes); ?format=rdswitch: the zone file's shape
+        if dns is None:
+            return _json([])
+        return _json(dns.all_zones() if request.args.get("format") == "rdswitch" else dns.incumbent_zones())
 
     @app.post("/services/dns/add")
     async def dns_add():
@@ -93,22 +97,28 @@ def create_app(hs, forwarder, dns=None) -> QuartTrio:
             body = await _body()
             if not isinstance(body, dict):
                 raise ConfigError("body must be a JSON object")
-            # ours: {"zone", "name", "ip"}; the incumbent's: {"Name": zone, "Records": [{"Name", "IP"}]}
-            if "Records" in body or "Name" in body:
-                zone = body.get("Name")
-                records = body.get("Records") or []
-                if not isinstance(records, list):
-                    raise ConfigError("Records must be a list")
-                out = None
-                for rec in records:
-                    if not isinstance(rec, dict):
-                        raise ConfigError("each record must be an object with Name and IP")
-                    out = dns.add_record(zone, rec.get("Name"), rec.get("IP"))
-            else:
-                out = dns.add_record(body.get("zone"), body.get("name"), body.get("ip"))
+            if {"zone", "name", "ip"} & body.keys():  # ours: one record, answered with its zone
+                return _json(dns.add_record(body.get("zone"), body.get("name"), body.get("ip")))
+            dns.add_zone(body)  # pkg/client's AddDNS: a types.Zone, answered like the incumbent (200, no body)
         except ConfigError as exc:
             return _error(str(exc))
-        return _json(out)
+        return Response("", status=200)
+
+    @app.errorhandler(HTTPException)
+    async def http_error(exc: HTTPException):
+        """Unknown paths (404), wrong methods (405, with Allow) and the like answer JSON, not HTML."""
+        if exc.code == 404:
+            message = f"no such API path: {request.path}"
+        elif exc.code == 405:
+            allowed = ", ".join(sorted(m for m in (exc.valid_methods or ()) if m not in ("HEAD", "OPTIONS")))
+            message = f"{request.method} is not allowed on {request.path}" + (f"; use {allowed}" if allowed else "")
+        else:
+            message = exc.description or exc.name
+        response = _error(message, exc.code or 500)
+        for name, value in exc.get_headers():
+            if name.lower() == "allow":
+                response.headers[name] = value
+        return response
 
     @app.get("/stats")
     async def stats():

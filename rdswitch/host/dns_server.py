@@ -24,7 +24,8 @@ from rdswitch.services.dns import message
 from rdswitch.services.dns.authority import DEFAULT_TTL, DnsAuthority
 from rdswitch.services.dns.resolvconf import parse_server
 from rdswitch.services.dns.zones import (
-    add_record, builtin_zones, merge_zones, normalize_zone_name, parse_record_flag, parse_zone_config,
+    add_record, builtin_zones, merge_zones, normalize_zone_name, parse_incumbent_zone, parse_record_flag,
+    parse_zone_config,
 )
 
 log = logging.getLogger(__name__)
@@ -259,9 +260,22 @@ class DnsService:
         """Every local zone as ``{"name", "records": {name: ip}, "regexp": [[pattern, ip]], "default_ip"}``."""
         return [z.to_dict() for z in self.authority.zones]
 
+    def incumbent_zones(self) -> list[dict]:
+        """Every local zone in gvisor-tap-vsock's ``types.Zone`` JSON shape (``GET /services/dns/all``)."""
+        return [z.as_incumbent() for z in self.authority.zones]
+
     def add_record(self, zone: str, name: str, ip: str) -> dict:
         """Add/replace a record at run time; raises ConfigError (clear message) for bad input."""
         return self.authority.add_record(zone, name, ip).to_dict()
+
+    def add_zone(self, body: Any) -> None:
+        """gvisor-tap-vsock's ``AddDNS`` body: add or extend a zone (records, regexp records, default IP).
+
+        Its records take precedence over the zone's; a DefaultIP replaces the
+        zone's.  Nothing changes unless all of it is valid (ConfigError).
+        """
+        self.authority.zones[:] = merge_zones(self.authority.zones, [parse_incumbent_zone(body)])
+        self.authority.rebuild()
 
 
 # -- flags -------------------------------------------------------------------------

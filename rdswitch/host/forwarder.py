@@ -18,7 +18,9 @@ import socket
 import attrs
 import trio
 
+from ..aio import connect
 from ..aio.tasks import accept_loop, pipe
+from ..config import ConfigError
 from ..logs import describe
 from ..services.forwarder import Forward
 from ..stack.flowtable import FlowTable
@@ -42,6 +44,7 @@ class _Active:
     forward: Forward
     scope: trio.CancelScope
     conn_scopes: set = attrs.field(factory=set)
+    closed: trio.Event = attrs.field(factory=trio.Event)  # its listeners are closed (and socket file removed)
 
 
 class Forwarder:
@@ -60,29 +63,86 @@ class Forwarder:
     def all(self) -> list[dict]:
         return [a.forward.as_json() for a in sorted(self.active.values(), key=lambda a: (a.forward.local, a.forward.protocol))]
 
-    async def expose(self, fwd: Forward) -> None:
+    def _existing(self, fwd: Forward) -> bool:
+        """True if this very forward exists (a repeat is a no-op); ForwardError 409 if another holds its key."""
         current = self.active.get(fwd.key)
-        if current is not None:
-            if current.forward == fwd:
-                return  # idempotent
-            raise ForwardError(f"{fwd.local}/{fwd.protocol} is already forwarded to {current.forward.remote}", 409)
-        kind = socket.SOCK_STREAM if fwd.protocol == "tcp" else socket.SOCK_DGRAM
-        sock = socket.socket(socket.AF_INET, kind)
+        if current is None:
+            return False
+        if current.forward == fwd:
+            return True
+        raise ForwardError(f"{fwd.local}/{fwd.protocol} is already forwarded to {current.forward.remote}", 409)
+
+    async def expose(self, fwd: Forward) -> None:
+        if self._existing(fwd):
+            return
+        if fwd.protocol == "unix":
+            listeners = [await self._listen_unix(fwd)]
+            socks = []
+        else:
+            socks = await self._bind(fwd)
+            listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in socks] \
+                if fwd.protocol == "tcp" else []
         try:
-            sock.setblocking(False)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((fwd.local_ip, fwd.local_port))  # an IP literal: no lookup, never blocks
-            if kind == socket.SOCK_STREAM:
-                sock.listen(128)
-        except OSError as exc:
-            sock.close()
-            raise ForwardError(f"cannot listen on {fwd.local}/{fwd.protocol}: {exc.strerror or exc}",
-                               409 if exc.errno == errno.EADDRINUSE else 400) from None
+            again = self._existing(fwd)  # the same key may have been exposed while we resolved or bound
+        except ForwardError:
+            await _discard(listeners, socks)
+            raise
+        if again:
+            await _discard(listeners, socks)
+            return
         active = _Active(fwd, trio.CancelScope())
         self.active[fwd.key] = active
-        serve = self._serve_tcp if kind == socket.SOCK_STREAM else self._serve_udp
-        self._nursery.start_soon(serve, active, sock)
+        self._nursery.start_soon(self._run, active, listeners, socks)
         log.info("forwarding %s/%s -> %s", fwd.local, fwd.protocol, fwd.remote)
+
+    async def _listen_unix(self, fwd: Forward):
+        """A socket file (mode 0600; a stale one replaced, a live one or a non-socket refused; removed at close)."""
+        try:
+            return await connect.listen_stream("unix://" + fwd.local_host)
+        except (ConfigError, OSError) as exc:
+            status = 409 if isinstance(exc, ConfigError) or exc.errno == errno.EADDRINUSE else 400
+            raise ForwardError(f"cannot listen on {fwd.local}: {getattr(exc, 'strerror', None) or exc}", status) from None
+
+    async def _addresses(self, fwd: Forward, kind: int) -> list[tuple[int, tuple, bool]]:
+        """(family, socket address, required) to bind for the forward's local host."""
+        host, port = fwd.local_host, fwd.local_port
+        if host in ("", "::"):
+            return [(socket.AF_INET6, ("::", port, 0, 0), True)]  # dual-stack (IPv4 too)
+        if host.lower().rstrip(".") == "localhost":  # both loopbacks, whatever /etc/hosts says
+            return [(socket.AF_INET, ("127.0.0.1", port), True), (socket.AF_INET6, ("::1", port, 0, 0), False)]
+        try:  # numeric hosts are answered at once; names by the host's resolver in a thread
+            infos = await trio.socket.getaddrinfo(host, port, type=kind)
+        except OSError as exc:
+            raise ForwardError(f"cannot listen on {fwd.local}: {host}: {exc.strerror or exc}", 400) from None
+        out = []
+        for family, _type, _proto, _canon, addr in infos:
+            if family in (socket.AF_INET, socket.AF_INET6) and (family, addr, True) not in out:
+                out.append((family, addr, True))
+        if not out:
+            raise ForwardError(f"cannot listen on {fwd.local}: {host} has no IP address", 400)
+        return out
+
+    async def _bind(self, fwd: Forward) -> list[socket.socket]:
+        kind = socket.SOCK_STREAM if fwd.protocol == "tcp" else socket.SOCK_DGRAM
+        socks: list[socket.socket] = []
+        try:
+            for family, addr, required in await self._addresses(fwd, kind):
+                try:
+                    socks.append(_bound(family, kind, addr))
+                except OSError as exc:
+                    if exc.errno not in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                        raise
+                    if addr[0] == "::":  # no IPv6 on this host: every IPv4 address
+                        socks.append(_bound(socket.AF_INET, kind, ("0.0.0.0", addr[1])))
+                    elif required:
+                        raise
+                    # an optional address (localhost's ::1) this host does not have
+        except OSError as exc:
+            for sock in socks:
+                sock.close()
+            raise ForwardError(f"cannot listen on {fwd.local}/{fwd.protocol}: {exc.strerror or exc}",
+                               409 if exc.errno == errno.EADDRINUSE else 400) from None
+        return socks
 
     async def unexpose(self, key: tuple[str, str]) -> None:
         active = self.active.pop(key, None)
@@ -91,14 +151,28 @@ class Forwarder:
         active.scope.cancel()
         for scope in list(active.conn_scopes):
             scope.cancel()
+        with trio.move_on_after(5):  # answer once the port is free and the socket file gone
+            await active.closed.wait()
         log.info("stopped forwarding %s/%s", *key)
 
-    async def _serve_tcp(self, active: _Active, sock) -> None:
-        with active.scope, sock:
-            listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
-            async with trio.open_nursery() as nursery:  # holds no connection: each runs in its VM's session
-                await accept_loop(listener, functools.partial(self._tcp_accepted, active), nursery,
-                                  f"forward {active.forward.local}", log)
+    async def _run(self, active: _Active, listeners: list, socks: list[socket.socket]) -> None:
+        """Serve the forward's listeners (TCP, unix) or sockets (UDP) until it is removed."""
+        try:
+            with active.scope:
+                async with trio.open_nursery() as nursery:
+                    for listener in listeners:
+                        nursery.start_soon(self._serve_stream, active, listener)
+                    if not listeners:
+                        for sock in socks:
+                            nursery.start_soon(self._serve_udp, active, sock)
+        finally:
+            await _discard(listeners, socks)
+            active.closed.set()
+
+    async def _serve_stream(self, active: _Active, listener) -> None:
+        async with trio.open_nursery() as nursery:  # holds no connection: each runs in its VM's session
+            await accept_loop(listener, functools.partial(self._tcp_accepted, active), nursery,
+                              f"forward {active.forward.local}", log)
 
     async def _tcp_accepted(self, active: _Active, host_stream) -> None:
         fwd = active.forward
@@ -150,7 +224,7 @@ class Forwarder:
             return on_reply
 
         try:
-            with active.scope, sock:
+            with sock:
                 while True:
                     with trio.move_on_after(UDP_IDLE / 3):
                         await trio.lowlevel.wait_readable(sock)
@@ -179,3 +253,30 @@ class Forwarder:
         finally:
             for ep, _session in clients.values():
                 nat.close_endpoint(ep)
+
+
+def _bound(family: int, kind: int, addr: tuple) -> socket.socket:
+    """A non-blocking socket bound to an address (listening if a stream); ``::`` takes IPv4 too."""
+    sock = socket.socket(family, kind)
+    try:
+        sock.setblocking(False)
+        if kind == socket.SOCK_STREAM:  # (for UDP it would let two forwards share a port)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if addr[0] == "::" else 1)
+        sock.bind(addr)
+        if kind == socket.SOCK_STREAM:
+            sock.listen(128)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def _discard(listeners: list, socks: list[socket.socket]) -> None:
+    """Close listeners (a unix one removes its socket file) and sockets, even when cancelled."""
+    with trio.CancelScope(shield=True):
+        for listener in listeners:
+            await listener.aclose()
+    for sock in socks:
+        sock.close()

@@ -155,6 +155,82 @@ class Zone:
         }
 
 
+    def as_incumbent(self) -> dict:
+        """gvisor-tap-vsock's ``types.Zone`` as JSON: ``{"Name", "Records": [{"Name", "IP", "Regexp"?}], "DefaultIP"}``.
+
+        Explicit records come first, then the regexp ones (``"Name": ""``), in the
+        order they are tried; each ``Regexp`` is an RE2 pattern that Go's
+        unanchored ``MatchString`` matches exactly as this zone does.  No
+        default IP is ``""`` (how Go encodes a nil ``net.IP``).
+        """
+        records = [{"Name": rel, "IP": str(ip)} for rel, ip in self.records.items()]
+        records += [{"Name": "", "IP": str(ip), "Regexp": _unanchored_text(p.pattern)} for p, ip in self.regexp_records]
+        return {"Name": self.name, "Records": records, "DefaultIP": "" if self.default_ip is None else str(self.default_ip)}
+
+
+# Go's regexp.MatchString finds the pattern anywhere in the name; our zones
+# match a whole name.  A pattern that came from the API is stored wrapped so
+# that a full match means "found anywhere", and listed unwrapped again.
+# Global flags such as Go's leading ``(?i)`` must stay in front.
+_SEARCH_HEAD, _SEARCH_TAIL = ".*?(?:", ").*"
+_FLAGS_RE = re.compile(r"^\(\?[aiLmsux]+\)")
+
+
+def _search_pattern(pattern: str) -> str:
+    flags = _FLAGS_RE.match(pattern)
+    head = flags.group(0) if flags else ""
+    return head + _SEARCH_HEAD + pattern[len(head):] + _SEARCH_TAIL
+
+
+def _unanchored_text(pattern: str) -> str:
+    flags = _FLAGS_RE.match(pattern)
+    head = flags.group(0) if flags else ""
+    body = pattern[len(head):]
+    if body.startswith(_SEARCH_HEAD) and body.endswith(_SEARCH_TAIL):
+        return head + body[len(_SEARCH_HEAD):-len(_SEARCH_TAIL)]
+    return f"{head}^(?:{body})$"
+
+
+def _text(value: Any, what: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ConfigError(f"invalid {what} {value!r}: expected a string")
+    return value
+
+
+def parse_incumbent_zone(body: Any) -> Zone:
+    """A ``POST /services/dns/add`` body in gvisor-tap-vsock's ``types.Zone`` shape -> a Zone to merge.
+
+    ``{"Name": "zone.", "Records": [{"Name": "foo", "IP": "10.0.0.5"}, {"IP": "10.0.0.6", "Regexp": "^db-"}],
+    "DefaultIP": "10.0.0.7"}``: each record needs an IP and a Name, a Regexp or both; ``"DefaultIP": ""``
+    (a nil ``net.IP``) or no DefaultIP keeps the zone's default.  Every field is checked before
+    anything changes (ConfigError with a clear message).
+    """
+    if not isinstance(body, dict):
+        raise ConfigError("body must be a JSON object like {\"Name\": \"zone.\", \"Records\": [...], \"DefaultIP\": \"\"}")
+    records = body.get("Records")
+    if records is None:
+        records = []
+    if not isinstance(records, list):
+        raise ConfigError(f"invalid Records {records!r}: expected a list of {{Name, IP, Regexp}}")
+    named: dict[str, Any] = {}
+    regexps = []
+    for rec in records:
+        if not isinstance(rec, dict):
+            raise ConfigError(f"invalid record {rec!r}: expected an object with Name, IP and/or Regexp")
+        name, pattern = _text(rec.get("Name"), "record Name"), _text(rec.get("Regexp"), "record Regexp")
+        ip = parse_ipv4(rec.get("IP"), f"IP of record {name or pattern!r}")
+        if not name and not pattern:
+            raise ConfigError(f"invalid record {rec!r}: it needs a Name or a Regexp")
+        if name:
+            named.setdefault(name, ip)  # the first of two records with one name wins, as in the incumbent
+        if pattern:
+            _compile(pattern)  # its own error message, not the wrapped pattern's
+            regexps.append((_search_pattern(pattern), ip))
+    return Zone(_text(body.get("Name"), "zone Name"), named, regexps, _text(body.get("DefaultIP"), "DefaultIP"))
+
+
 def builtin_zones(net: NetConfig) -> list[Zone]:
     """``rancher-desktop.internal.`` and ``docker.internal.``, each with gateway and host."""
     return [Zone(name, {"gateway": net.gateway_ip, "host": net.host_alias_ip}) for name in BUILTIN_ZONES]
