@@ -162,6 +162,10 @@ class NatShell:
             return
         sock.setblocking(False)
         err = sock.connect_ex(flow.dst)
+        if err == errno.EINPROGRESS:
+            # Linux says EINPROGRESS even when the kernel finished the handshake (or was
+            # refused) inside the call, as it does on loopback: look before waiting.
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or self._connected_now(sock)
         if err == 0:
             bridge = self._connected(session, flow, sock, now)
             if bridge is not None:
@@ -173,6 +177,14 @@ class NatShell:
             sock.close()
             log.debug("%r: dial %s:%d failed: %s", session, *flow.dst, errno.errorcode.get(err, err))
             self.core.dial_done(flow, "refused" if err == errno.ECONNREFUSED else "failed", now)
+
+    @staticmethod
+    def _connected_now(sock: socket.socket) -> int:
+        try:
+            sock.getpeername()
+        except OSError:
+            return errno.EINPROGRESS
+        return 0
 
     def _connected(self, session: Session, flow: TcpFlow, sock: socket.socket, now: float) -> HostBridge | None:
         conn = self.core.dial_done(flow, None, now)
