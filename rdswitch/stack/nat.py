@@ -69,7 +69,7 @@ class NatPolicy:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, net: NetConfig) -> "NatPolicy":
-        allow = tuple(parse_cidr(c) for c in args.allow_outbound) or cls.allow_outbound.default  # type: ignore[attr-defined]
+        allow = tuple(parse_cidr(c) for c in args.allow_outbound) or attrs.fields(cls).allow_outbound.default
         for name in ("connect_timeout", "udp_idle_timeout"):
             if getattr(args, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")

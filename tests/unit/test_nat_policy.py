@@ -28,3 +28,16 @@ def test_link_local_opt_in_and_default_allows_all():
     p = NatPolicy(NET, allow_link_local=True)
     assert p.destination(ip("169.254.1.1")) == ("169.254.1.1", "")
     assert p.destination(ip("93.184.216.34")) == ("93.184.216.34", "")
+
+
+def test_from_args_without_allow_outbound_allows_everything():
+    # host-switch started with no --allow-outbound used to die with a traceback here
+    import argparse
+
+    from rdswitch.host.nat import add_nat_arguments
+
+    p = argparse.ArgumentParser()
+    add_nat_arguments(p)
+    policy = NatPolicy.from_args(p.parse_args([]), NetConfig())
+    assert policy.allow_outbound == (ipaddress.IPv4Network("0.0.0.0/0"),)
+    assert policy.destination(bytes([198, 18, 0, 1])) == ("198.18.0.1", "")
