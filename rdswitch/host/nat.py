@@ -111,6 +111,9 @@ class NatShell:
             self._start_local(session, action.flow, action.port)
         elif kind is core_mod.UdpOpen:
             self._udp_open(session, action.flow)
+        elif kind is core_mod.UdpClose and action.flow.handle is not None:  # evicted: _udp_flow ends
+            trio.lowlevel.notify_closing(action.flow.handle)
+            action.flow.handle.close()
         elif kind is core_mod.ToEndpoint:
             action.endpoint.handle(action.payload)
         elif kind is core_mod.DnsQuery:
@@ -300,7 +303,7 @@ class NatShell:
                         except (BlockingIOError, ConnectionRefusedError):
                             break  # refused: an ICMP error for an earlier send; keep the flow
                         core.udp_reply(flow, data, now)
-        except OSError as exc:
+        except (OSError, trio.ClosedResourceError) as exc:  # closed: evicted (UdpClose)
             log.debug("udp flow %s failed: %s", flow.dst, exc)
         finally:
             flow.handle = None
