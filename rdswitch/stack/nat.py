@@ -400,9 +400,7 @@ class NatCore:
             del state.tcp[flow.key]
         if flow.abandoned or failure == "abandoned":
             state.counters.drop("tcp-dial-abandoned")
-        elif failure == "timeout":
-            state.counters.drop("tcp-dial-timeout")  # nothing sent: the VM's own SYN timeout applies
-        elif failure is not None:
+        elif failure is not None:  # refused, failed or timed out: the VM's connect fails now, as refused
             state.counters.drop(f"tcp-dial-{failure}")
             vm_ip, _vm_port, local_ip, _port = flow.key
             self._send_segment(flow.vm_mac, local_ip, vm_ip, rst_for(flow.syn), flow.partial)

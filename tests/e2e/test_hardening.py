@@ -52,20 +52,25 @@ def host_server():
         stop(proc)
 
 
-def socket_fds(pid: int) -> int:
-    fd_dir = f"/proc/{pid}/fd"
-    n = 0
-    for fd in os.listdir(fd_dir):
-        try:
-            n += os.readlink(os.path.join(fd_dir, fd)).startswith("socket:")
-        except FileNotFoundError:
-            pass
-    return n
-
-
 def test_udp_flows_beyond_the_table_evict_the_least_recent(bed, host_server):
     hs = bed.host_switch("--max-udp-flows", "64")
+    nsutil.wait_for(lambda: "listening on" in hs.read_log(), 10, what="host-switch start-up")
+    baseline = nsutil.fd_count(hs.pid)
     vm = bed.vm(hs)
     out = vm.run([sys.executable, "-c", UDP_SEQUENTIAL, ALIAS, str(host_server), "2000", "16"], timeout=240)
     assert out.stdout.split() == ["2000", "ok"]
-    assert socket_fds(hs.pid) < 64 + 32  # evicted flows' sockets are closed, not left to idle out
+    # evicted flows' sockets are closed, not left to idle out
+    assert nsutil.fd_count(hs.pid) <= baseline + 64 + 8
+
+
+def test_dial_timeout_refuses_the_vm_connect(bed):
+    """A host that drops SYNs: with --connect-timeout 1 the VM's connect fails in about a second."""
+    ns = bed.namespace()
+    net = nsutil.unique_prefix()
+    with nsutil.veth_pair(ns, f"{net}.1/24", f"{net}.2/24"):
+        # the namespace's answers (SYN-ACK or RST) to the host's side of the veth vanish: SYNs go unanswered
+        nsutil.ns_run(ns, ["ip", "route", "add", "blackhole", f"{net}.1/32"])
+        hs = bed.host_switch("--connect-timeout", "1", allow=[f"{net}.0/24"])
+        vm = bed.vm(hs)
+        out = vm.run([sys.executable, PEERS, "refused", f"{net}.2", "80"], timeout=30).stdout.split()
+        assert out[0] == "refused" and float(out[1]) < 3.0, out
