@@ -74,3 +74,15 @@ def test_dial_timeout_refuses_the_vm_connect(bed):
         vm = bed.vm(hs)
         out = vm.run([sys.executable, PEERS, "refused", f"{net}.2", "80"], timeout=30).stdout.split()
         assert out[0] == "refused" and float(out[1]) < 3.0, out
+
+
+def test_fragmented_datagrams_from_the_vm_are_reassembled(bed, host_server):
+    """8000-byte datagrams leave the namespace (MTU 1500) as fragments; whole ones reach the host and come back."""
+    hs = bed.host_switch()
+    vm = bed.vm(hs)
+    assert "mtu 1500" in vm.run(["ip", "link", "show", "eth0"]).stdout
+    out = vm.run([sys.executable, "-c", UDP_SEQUENTIAL, ALIAS, str(host_server), "50", "8000"], timeout=120)
+    assert out.stdout.split() == ["50", "ok"]
+    # ICMP too: big echo requests to the gateway itself and to the host (through .254)
+    for dst in ("192.168.127.1", ALIAS):
+        assert " 0% packet loss" in vm.run(["ping", "-c", "2", "-W", "3", "-s", "4000", dst]).stdout
