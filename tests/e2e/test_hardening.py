@@ -5,6 +5,7 @@ or inside namespaces the test creates.
 """
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -86,3 +87,19 @@ def test_fragmented_datagrams_from_the_vm_are_reassembled(bed, host_server):
     # ICMP too: big echo requests to the gateway itself and to the host (through .254)
     for dst in ("192.168.127.1", ALIAS):
         assert " 0% packet loss" in vm.run(["ping", "-c", "2", "-W", "3", "-s", "4000", dst]).stdout
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_vm_switch_stops_cleanly_on_a_signal(bed, sig):
+    hs = bed.host_switch()
+    vm = bed.vm(hs)
+    assert vm.run(["ip", "link", "show", "eth0"], check=False).returncode == 0
+    vm.proc.send_signal(sig)
+    try:
+        code = vm.proc.wait(2)
+    except subprocess.TimeoutExpired:
+        pytest.fail("vm-switch still running 2 s after the signal")
+    assert code == 0
+    assert f"vm-switch stopped ({sig.name})" in vm.read_log()
+    assert vm.run(["ip", "link", "show", "eth0"], check=False).returncode != 0  # the tap is gone
+    nsutil.wait_for(lambda: "session ended" in hs.read_log(), 5, what="the host-switch to see the session end")
