@@ -20,7 +20,7 @@ from ..config import ConfigError, NetConfig, normalize_argv
 from ..aio import trace
 from ..aio.tasks import accept_loop
 from ..framing import validate_framing
-from ..handshake import HandshakeError, find_vm, signal_ready
+from ..handshake import HandshakeError, keep_finding_vm, signal_ready
 from . import dns_server
 from ..services.forwarder import parse_port_forward_flag
 from ..stack.nat import NatPolicy
@@ -88,16 +88,21 @@ async def serve_listener(hs: HostSwitch, listener, url: str) -> None:
         await accept_loop(listener, hs.run_session, nursery, f"listener {url}", log)
 
 
-async def handshake(hs: HostSwitch, candidates: list[str]) -> None:
-    """Find the VM, tell it READY; look again whenever its session has ended (a restarted vm-switch)."""
+async def handshake(hs: HostSwitch, candidates: list[str], *, retry: float = 1.0) -> None:
+    """Find the VM, tell it READY; look again whenever its session has ended (a restarted vm-switch).
+
+    Never gives up for good: while no VM answers, keep_finding_vm logs once per
+    give-up period and backs off; a failed READY is retried after ``retry`` seconds.
+    """
     while True:
+        url = await keep_finding_vm(candidates)
+        log.info("found the VM at %s; signalling READY", url)
         try:
-            url = await find_vm(candidates)
-            log.info("found the VM at %s; signalling READY", url)
             await signal_ready(url)
         except (HandshakeError, OSError) as exc:
-            log.error("handshake failed: %s", exc)
-            return
+            log.error("handshake failed: %s; looking again in %gs", exc, retry)
+            await trio.sleep(retry)
+            continue
         with trio.move_on_after(30):  # the VM dials the data URL right after READY
             while not hs.sessions:
                 await hs.sessions_changed.wait()
