@@ -289,7 +289,7 @@ class NatShell:
         idle = core.policy.udp_idle_timeout
         try:
             with sock:
-                while True:
+                while sock.fileno() != -1:  # -1: closed by UdpClose (evicted) while this task was not waiting
                     with trio.move_on_at(flow.last_activity + idle) as scope:
                         await trio.lowlevel.wait_readable(sock)
                     if scope.cancelled_caught:

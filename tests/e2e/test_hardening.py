@@ -103,3 +103,27 @@ def test_vm_switch_stops_cleanly_on_a_signal(bed, sig):
     assert f"vm-switch stopped ({sig.name})" in vm.read_log()
     assert vm.run(["ip", "link", "show", "eth0"], check=False).returncode != 0  # the tap is gone
     nsutil.wait_for(lambda: "session ended" in hs.read_log(), 5, what="the host-switch to see the session end")
+
+
+# Many new flows in one burst (one batch of frames at the host-switch): evictions of flows whose
+# host-side task has not run yet.
+UDP_BURST = r"""
+import socket, sys
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(n)]
+for i, s in enumerate(socks):
+    s.sendto(b"burst %d" % i, (host, port))
+for s in socks:
+    s.close()
+print("sent")
+"""
+
+
+def test_udp_burst_through_a_one_flow_table_keeps_the_session(bed, host_server):
+    hs = bed.host_switch("--max-udp-flows", "1")
+    vm = bed.vm(hs)
+    for _ in range(5):
+        assert vm.run([sys.executable, "-c", UDP_BURST, ALIAS, str(host_server), "200"]).stdout.split() == ["sent"]
+    out = vm.run([sys.executable, "-c", UDP_SEQUENTIAL, ALIAS, str(host_server), "20", "16"], timeout=60)
+    assert out.stdout.split() == ["20", "ok"]
+    assert "session ended" not in hs.read_log()
