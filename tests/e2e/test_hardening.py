@@ -12,11 +12,9 @@ import sys
 import pytest
 
 import nsutil
-from testbed import free_port, stop
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-PEERS = os.path.join(HERE, "peers.py")
-ALIAS = "192.168.127.254"
+PEERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers.py")
+ALIAS = "192.168.127.254"  # the host's loopback through the NAT
 
 # One UDP socket after another, one datagram each; stops at the first one without its echo.
 UDP_SEQUENTIAL = r"""
@@ -38,19 +36,6 @@ for i in range(n):
 else:
     print(n, "ok")
 """
-
-
-@pytest.fixture
-def host_server():
-    """The peers.py server on the host's 127.0.0.1 (TCP blob + UDP echo on one port)."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, PEERS, "serve", "127.0.0.1", str(port)])
-    try:
-        nsutil.wait_for(lambda: subprocess.run(["bash", "-c", f"exec 3<>/dev/tcp/127.0.0.1/{port}"],
-                                               capture_output=True).returncode == 0, 10, what="host server")
-        yield port
-    finally:
-        stop(proc)
 
 
 def test_udp_flows_beyond_the_table_evict_the_least_recent(bed, host_server):
