@@ -30,6 +30,8 @@ PROBE_TIMEOUT = 2.0
 READY_TIMEOUT = 10.0
 #: Give-up time for the whole handshake: 5 minutes, as the wire contract says.
 GIVE_UP = 300.0
+#: The longest interval between rounds of probes once :func:`keep_finding_vm` has backed off.
+MAX_INTERVAL = 30.0
 
 HVSOCK_GUID_TEMPLATE = "%08x-facb-11e6-bd58-64006a7986d3"
 
@@ -105,6 +107,23 @@ async def find_vm(candidates: list[str], *, interval: float = 1.0, give_up: floa
                 return found[0]
             await trio.sleep_until(deadline)
     raise HandshakeError(f"no VM answered the handshake within {give_up:g}s (tried {', '.join(candidates)})")
+
+
+async def keep_finding_vm(candidates: list[str], *, interval: float = 1.0, give_up: float = GIVE_UP,
+                          max_interval: float = MAX_INTERVAL, probe_timeout: float = PROBE_TIMEOUT) -> str:
+    """:func:`find_vm` that never gives up for good (a long-running host-switch outlives a slow VM).
+
+    Each ``give_up`` period without an answer is logged once, and the interval
+    between rounds doubles, up to ``max_interval``.
+    """
+    if not candidates:
+        raise HandshakeError("no candidate VMs to look for")
+    while True:
+        try:
+            return await find_vm(candidates, interval=interval, give_up=give_up, probe_timeout=probe_timeout)
+        except HandshakeError as exc:
+            interval = min(interval * 2, max(max_interval, interval))
+            log.warning("%s; still looking (a round every %gs)", exc, interval)
 
 
 async def signal_ready(url: str, *, timeout: float = READY_TIMEOUT) -> None:

@@ -30,7 +30,7 @@ from rdswitch.aio.links import (
     link_from_fd,
 )
 
-__all__ = ["StreamListener", "FrameListener", "listen", "listen_stream", "dial", "dial_stream"]
+__all__ = ["StreamListener", "FrameListener", "check_listen", "listen", "listen_stream", "dial", "dial_stream"]
 
 log = logging.getLogger("rdswitch.aio")
 
@@ -197,40 +197,98 @@ def _do_unlink(token: tuple[str, int, int] | None) -> None:
         pass
 
 
-async def _prepare_unix_path(path: str, sock_type: int) -> None:
-    """Remove a stale socket file; refuse to clobber a live socket or a non-socket."""
+def _listen_type(framing: str) -> int:
+    framing = validate_framing(framing)
+    if framing in STREAM_FRAMINGS:
+        return _stdsocket.SOCK_STREAM
+    return _stdsocket.SOCK_SEQPACKET if framing == "bess" else _stdsocket.SOCK_DGRAM
+
+
+def check_listen(url: str, framing: str = "stdio") -> None:
+    """Check, before trio runs, that :func:`listen` can use ``url``: ConfigError (one line) if not.
+
+    A unix path must be free or a stale socket (not a live socket, not another
+    kind of file); ``fd://N`` must be an inherited socket of the framing's type,
+    listening (stream, seqpacket) or bound (datagram).
+    """
+    ep = parse_url(url)
+    sock_type = _listen_type(framing)
+    if ep.scheme == "fd":
+        _inherited_listener(ep.fd, sock_type).detach()
+    elif ep.scheme == "unix":
+        try:
+            _check_unix_path(ep.path, sock_type)
+        except OSError as exc:  # a live socket (EADDRINUSE, as listen() raises it)
+            raise ConfigError(exc.strerror or str(exc)) from None
+
+
+def _check_unix_path(path: str, sock_type: int) -> bool:
+    """Whether a stale socket file is in the way; OSError (EADDRINUSE) for a live socket, ConfigError for
+    a non-socket."""
     if path.startswith("\0"):
-        return
+        return False
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        return
+        return False
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on unix://{path}: {exc.strerror}") from None
     if not stat.S_ISSOCK(st.st_mode):
         raise ConfigError(f"cannot listen on unix://{path}: the path exists and is not a socket")
     if sock_type != _stdsocket.SOCK_DGRAM:
-        probe = trio.socket.socket(_stdsocket.AF_UNIX, sock_type)
+        with _stdsocket.socket(_stdsocket.AF_UNIX, sock_type) as probe:
+            probe.settimeout(1.0)  # a unix connect answers at once unless the backlog is full (live, then)
+            try:
+                probe.connect(path)
+            except (ConnectionRefusedError, FileNotFoundError):
+                return True  # nobody listens: stale
+            except OSError as exc:
+                if not isinstance(exc, TimeoutError):
+                    raise ConfigError(f"cannot listen on unix://{path}: {exc.strerror or exc}") from None
+            raise OSError(errno.EADDRINUSE, f"cannot listen on unix://{path}: another process is listening there")
+    return True
+
+
+def _prepare_unix_path(path: str, sock_type: int) -> None:
+    """Remove a stale socket file; refuse to clobber a live socket or a non-socket."""
+    if _check_unix_path(path, sock_type):
         try:
-            with trio.move_on_after(1.0):
-                await probe.connect(path)
-                raise OSError(errno.EADDRINUSE, f"cannot listen on unix://{path}: another process is listening there")
-        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)
+        except FileNotFoundError:
             pass
-        finally:
-            probe.close()
+
+
+def _fd_mode(fd: int) -> int:
     try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+        return os.fstat(fd).st_mode
+    except OSError as exc:
+        raise ConfigError(f"fd://{fd}: not an open file descriptor ({exc.strerror})") from None
+
+
+def _inherited_listener(fd: int, sock_type: int) -> _stdsocket.socket:
+    """The socket at ``fd`` (inherited from a parent, systemd-style), if it can serve as a listener."""
+    names = {_stdsocket.SOCK_STREAM: "stream", _stdsocket.SOCK_SEQPACKET: "seqpacket", _stdsocket.SOCK_DGRAM: "datagram"}
+    wanted = f"a {'bound' if sock_type == _stdsocket.SOCK_DGRAM else 'listening'} {names[sock_type]} socket"
+    if not stat.S_ISSOCK(_fd_mode(fd)):
+        raise ConfigError(f"cannot listen on fd://{fd}: not a socket (expected {wanted})")
+    sock = _stdsocket.socket(fileno=fd)
+    ok = sock.type == sock_type
+    if ok and sock_type != _stdsocket.SOCK_DGRAM:
+        ok = bool(sock.getsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_ACCEPTCONN))
+    if not ok:
+        sock.detach()  # not ours to close
+        raise ConfigError(f"cannot listen on fd://{fd}: expected {wanted}")
+    return sock
 
 
 async def _bound_socket(ep: Endpoint, sock_type: int) -> tuple[_stdsocket.socket, str | None]:
     """A socket bound to ep (unix: stale file removed, mode 0600)."""
     if ep.scheme == "fd":
-        raise ConfigError(f"cannot listen on {ep}: fd:// URLs name an already-connected socket")
+        return _inherited_listener(ep.fd, sock_type), None
     if ep.scheme != "unix" and sock_type != _stdsocket.SOCK_STREAM:
         raise ConfigError(f"cannot listen on {ep}: this framing needs a unix:// socket")
     if ep.scheme == "unix":
-        await _prepare_unix_path(ep.path, sock_type)
+        _prepare_unix_path(ep.path, sock_type)
     sock = _new_socket(ep.family, sock_type)
     try:
         if ep.scheme == "tcp":
@@ -360,11 +418,7 @@ async def dial(url: str, framing: str = "stdio") -> FrameLink:
 
 
 def _stream_from_fd(fd: int) -> trio.abc.Stream:
-    try:
-        mode = os.fstat(fd).st_mode
-    except OSError as exc:
-        raise ConfigError(f"fd://{fd}: not an open file descriptor ({exc.strerror})") from None
-    if stat.S_ISSOCK(mode):
+    if stat.S_ISSOCK(_fd_mode(fd)):
         sock = _stdsocket.socket(fileno=fd)
         if sock.type != _stdsocket.SOCK_STREAM:
             sock.detach()

@@ -16,12 +16,11 @@ import sys
 import trio
 
 from ..aio import connect
-from ..urls import parse_url
 from ..config import ConfigError, NetConfig, normalize_argv
 from ..aio import trace
 from ..aio.tasks import accept_loop
 from ..framing import validate_framing
-from ..handshake import HandshakeError, find_vm, signal_ready
+from ..handshake import HandshakeError, keep_finding_vm, signal_ready
 from . import dns_server
 from ..services.forwarder import parse_port_forward_flag
 from ..stack.nat import NatPolicy
@@ -38,7 +37,8 @@ log = logging.getLogger("rdswitch.host")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m rdswitch.host", description="rdswitch host-switch")
     p.add_argument("--listen", action="append", default=[], metavar="URL",
-                   help="accept VM connections here (repeatable): unix:///path, tcp://127.0.0.1:PORT, vsock://:PORT, fd://N")
+                   help="accept VM connections here (repeatable): unix:///path, tcp://127.0.0.1:PORT, vsock://:PORT, "
+                        "fd://N (a listening socket inherited from the parent, systemd-style)")
     p.add_argument("--handshake", action="append", default=[], metavar="URL",
                    help="find the VM by the vsock handshake at these URLs (port 6669 of each candidate), then tell "
                         "it READY so it dials a --listen URL; e.g. vsock://3:6669 or unix:///run/rd-handshake.sock")
@@ -68,16 +68,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     try:
         args.net = NetConfig(subnet=args.subnet, gateway_mac=args.gateway_mac, vm_mac=args.vm_mac, mtu=args.mtu)
         args.framing = validate_framing(args.framing)
-        for url in args.listen:
-            parse_url(url)
+        for url in args.listen:  # a live socket or a non-socket at a unix path, a bad fd://N
+            connect.check_listen(url, args.framing)
         args.nat_policy = NatPolicy.from_args(args, args.net)
         args.forwards = [parse_port_forward_flag(f, args.net.subnet) for f in args.port_forward]
         for url in args.api_listen:
-            parse_url(url)
+            connect.check_listen(url)
         if not args.listen:
             raise ConfigError("nothing to serve: give at least one --listen URL")
-    except ConfigError as exc:
-        p.error(str(exc))
+        args.dns = dns_server.from_args(args, args.net)  # every --dns-* flag, checked before trio runs
+    except ConfigError as exc:  # one line (argparse's p.error would print the whole usage first)
+        print(f"{p.prog}: error: {exc}", file=sys.stderr)
+        sys.exit(2)
     return args
 
 
@@ -86,16 +88,21 @@ async def serve_listener(hs: HostSwitch, listener, url: str) -> None:
         await accept_loop(listener, hs.run_session, nursery, f"listener {url}", log)
 
 
-async def handshake(hs: HostSwitch, candidates: list[str]) -> None:
-    """Find the VM, tell it READY; look again whenever its session has ended (a restarted vm-switch)."""
+async def handshake(hs: HostSwitch, candidates: list[str], *, retry: float = 1.0) -> None:
+    """Find the VM, tell it READY; look again whenever its session has ended (a restarted vm-switch).
+
+    Never gives up for good: while no VM answers, keep_finding_vm logs once per
+    give-up period and backs off; a failed READY is retried after ``retry`` seconds.
+    """
     while True:
+        url = await keep_finding_vm(candidates)
+        log.info("found the VM at %s; signalling READY", url)
         try:
-            url = await find_vm(candidates)
-            log.info("found the VM at %s; signalling READY", url)
             await signal_ready(url)
         except (HandshakeError, OSError) as exc:
-            log.error("handshake failed: %s", exc)
-            return
+            log.error("handshake failed: %s; looking again in %gs", exc, retry)
+            await trio.sleep(retry)
+            continue
         with trio.move_on_after(30):  # the VM dials the data URL right after READY
             while not hs.sessions:
                 await hs.sessions_changed.wait()
@@ -105,7 +112,7 @@ async def handshake(hs: HostSwitch, candidates: list[str]) -> None:
 
 
 async def amain(args: argparse.Namespace) -> int:
-    dns = dns_server.from_args(args, args.net)
+    dns = args.dns
     hs = switch_host.build(args.net, args.nat_policy, dns=dns, capture=args.capture,
                            search_domains=dns.search_domains())
     async with trio.open_nursery() as nursery:

@@ -111,6 +111,9 @@ class NatShell:
             self._start_local(session, action.flow, action.port)
         elif kind is core_mod.UdpOpen:
             self._udp_open(session, action.flow)
+        elif kind is core_mod.UdpClose and action.flow.handle is not None:  # evicted: _udp_flow ends
+            trio.lowlevel.notify_closing(action.flow.handle)
+            action.flow.handle.close()
         elif kind is core_mod.ToEndpoint:
             action.endpoint.handle(action.payload)
         elif kind is core_mod.DnsQuery:
@@ -298,11 +301,11 @@ class NatShell:
         idle = core.policy.udp_idle_timeout
         try:
             with sock:
-                while True:
+                while sock.fileno() != -1:  # -1: closed by UdpClose (evicted) while this task was not waiting
                     # One scope per idle period, not per datagram: activity moves last_activity
                     # on, and the scope firing early costs one check, not a re-arm per datagram.
                     with trio.CancelScope(deadline=flow.last_activity + idle):
-                        while True:
+                        while sock.fileno() != -1:
                             await trio.lowlevel.wait_readable(sock)
                             now = trio.current_time()
                             for _ in range(64):  # drain what is queued, bounded
@@ -313,7 +316,7 @@ class NatShell:
                                 core.udp_reply(flow, data, now)
                     if core.udp_expired(flow, trio.current_time()):
                         return
-        except OSError as exc:
+        except (OSError, trio.ClosedResourceError) as exc:  # closed: evicted (UdpClose)
             log.debug("udp flow %s failed: %s", flow.dst, exc)
         finally:
             flow.handle = None

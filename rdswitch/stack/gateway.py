@@ -18,6 +18,7 @@ from ..wire import arp, ethernet, icmp, ipv4, offload, tcp, udp
 from ..wire.errors import MalformedPacket
 from .counters import Counters
 from .frames import FrameBuilder
+from .reassembly import Reassembler
 
 BROADCAST_IP = b"\xff\xff\xff\xff"
 # From the IPv4 total length (frame offset 16) to the TCP window: what the input hot path reads.
@@ -77,6 +78,7 @@ class Gateway:
         self.neighbors: dict[bytes, bytes] = {}
         self._subnet = _SubnetContains(net.subnet)
         self.frames = frames or FrameBuilder(net, self.counters)
+        self.reassembly = Reassembler(self.counters)  # the VMs' fragmented datagrams
 
     # ---- input ---------------------------------------------------------------------------
     def input(self, frame: bytes | memoryview, now: float) -> tuple[list[bytes], Event | None]:
@@ -119,8 +121,12 @@ class Gateway:
     def _input_ipv4(self, src_mac: bytes, data: memoryview, now: float) -> tuple[list[bytes], Event | None]:
         pkt = ipv4.parse(data)
         if pkt.is_fragment:
-            self.counters.drop("ipv4-fragment")
-            return [], None
+            whole = self.reassembly.add(pkt, now)
+            if whole is None:
+                return [], None
+            # the datagram continues as if it had arrived whole
+            data = memoryview(whole)
+            pkt = ipv4.parse(data)
         proto = pkt.proto
         if proto == ipv4.PROTO_TCP:
             seg = tcp.parse(pkt.payload)
@@ -143,8 +149,8 @@ class Gateway:
                 self.neighbors[pkt.src] = src_mac
             if pkt.dst == self.ip:
                 self.counters.values["icmp_echo_replies"] += 1
-                reply = icmp.build(icmp.echo_reply(msg))
-                return [self.frames.ip_frame(src_mac, self.ip, pkt.src, ipv4.PROTO_ICMP, reply)], None
+                # fragmented to the MTU: a reassembled request can be bigger than one frame
+                return self.frames.echo_reply(src_mac, self.ip, pkt.src, msg) or [], None
             return [], IcmpEchoIn(src_mac, pkt.src, pkt.dst, msg, data)
         self.counters.drop(f"ip-proto-{proto}")
         return [], None

@@ -10,7 +10,7 @@ reply came back).  It answers in two ways:
   answered this way (a TCP RST, or an ICMP error where RFC 1122 allows one);
 * work that needs I/O comes back as *actions* (:class:`Dial`,
   :class:`CancelDial`, :class:`StartLocal`, :class:`UdpOpen`,
-  :class:`UdpSend`, :class:`ToEndpoint`, :class:`DnsQuery`, :class:`Ping`,
+  :class:`UdpSend`, :class:`UdpClose`, :class:`ToEndpoint`, :class:`DnsQuery`, :class:`Ping`,
   :class:`OffloadChanged`) for the trio shell to carry out.
 
 It owns every table the NAT has: per session the TCP flows (dialling or
@@ -159,7 +159,7 @@ class SessionState:
     counters: Counters
     offload: bool = False
     tcp: dict = attrs.field(factory=dict)  # key -> TcpFlow
-    udp: dict = attrs.field(factory=dict)  # key -> UdpFlow
+    udp: dict = attrs.field(factory=dict)  # key -> UdpFlow, least recently active first
     endpoints: dict = attrs.field(factory=dict)  # gateway port -> UdpEndpoint
     pending_dials: int = 0
     pings: int = 0
@@ -206,6 +206,13 @@ class UdpSend:
 
 
 @attrs.frozen(slots=True)
+class UdpClose:
+    """The flow was evicted from a full table (the least recently active one): close its host socket."""
+
+    flow: UdpFlow
+
+
+@attrs.frozen(slots=True)
 class ToEndpoint:
     endpoint: UdpEndpoint
     payload: bytes | memoryview
@@ -240,7 +247,7 @@ class OffloadChanged:
     offload: bool
 
 
-Action = Dial | CancelDial | StartLocal | UdpOpen | UdpSend | ToEndpoint | DnsQuery | Ping | OffloadChanged
+Action = Dial | CancelDial | StartLocal | UdpOpen | UdpSend | UdpClose | ToEndpoint | DnsQuery | Ping | OffloadChanged
 _NONE: tuple = ()
 
 # ---------------------------------------------------------------------------------------------
@@ -393,9 +400,7 @@ class NatCore:
             del state.tcp[flow.key]
         if flow.abandoned or failure == "abandoned":
             state.counters.drop("tcp-dial-abandoned")
-        elif failure == "timeout":
-            state.counters.drop("tcp-dial-timeout")  # nothing sent: the VM's own SYN timeout applies
-        elif failure is not None:
+        elif failure is not None:  # refused, failed or timed out: the VM's connect fails now, as refused
             state.counters.drop(f"tcp-dial-{failure}")
             vm_ip, _vm_port, local_ip, _port = flow.key
             self._send_segment(flow.vm_mac, local_ip, vm_ip, rst_for(flow.syn), flow.partial)
@@ -465,8 +470,10 @@ class NatCore:
                                                     ev.ip_packet)])
             return _NONE
         key = (ev.src_ip, ev.src_port, ev.dst_ip, ev.dst_port)
-        flow = state.udp.get(key)
+        udp_flows = state.udp
+        flow = udp_flows.pop(key, None)
         if flow is not None:
+            udp_flows[key] = flow  # now the most recently active (dicts keep insertion order)
             flow.last_activity = now
             return [UdpSend(flow, ev.payload)]
         dst, reason = self.policy.destination(ev.dst_ip)
@@ -476,16 +483,25 @@ class NatCore:
                 self.emit([self.frames.icmp_unreachable(ev.src_mac, self.gateway_ip, ev.src_ip, icmp.ADMIN_PROHIBITED,
                                                         ev.ip_packet)])
             return _NONE
-        if len(state.udp) >= self.policy.max_udp_flows:
-            state.counters.drop("udp-flow-limit")
-            return _NONE
-        flow = state.udp[key] = UdpFlow(state.sid, key, ev.src_mac, (dst, ev.dst_port), now)
+        actions = []
+        while len(udp_flows) >= self.policy.max_udp_flows:
+            # A full table evicts the least recently active flow (as conntrack does): a new flow
+            # is never refused while idle ones linger.
+            victim = udp_flows.pop(next(iter(udp_flows)))
+            state.counters.drop("udp-flow-evicted")
+            actions.append(UdpClose(victim))
+        flow = udp_flows[key] = UdpFlow(state.sid, key, ev.src_mac, (dst, ev.dst_port), now)
         state.counters.values["udp_flows_total"] += 1
-        return [UdpOpen(flow), UdpSend(flow, ev.payload)]
+        actions += (UdpOpen(flow), UdpSend(flow, ev.payload))
+        return actions
 
     def udp_reply(self, flow: UdpFlow, payload: bytes | memoryview, now: float) -> None:
         """A datagram came back on ``flow``'s host socket: into the VM, from the address it wrote to."""
         flow.last_activity = now
+        state = self.sessions.get(flow.sid)
+        if state is not None and state.udp.get(flow.key) is flow:  # (not an evicted flow's late reply)
+            del state.udp[flow.key]
+            state.udp[flow.key] = flow  # now the most recently active
         vm_ip, vm_port, virt_ip, virt_port = flow.key
         self.udp_to_vm(flow.sid, flow.vm_mac, virt_port, vm_ip, vm_port, payload, src_ip=virt_ip)
 

@@ -15,6 +15,7 @@ import errno
 import logging
 import os
 import random
+import signal
 import sys
 
 import trio
@@ -262,12 +263,41 @@ def write_resolv_conf(path: str, lease) -> None:
     os.replace(tmp, path)
 
 
+async def amain(args: argparse.Namespace) -> int:
+    """Run the switch until it ends or SIGTERM/SIGINT cancels it (then: the session, the tap; exit 0)."""
+    vm = VmSwitch(args)
+    outcome: dict = {}
+
+    async def serve(scope: trio.CancelScope) -> None:
+        try:
+            outcome["status"] = await vm.run()
+        except tap.TapError as exc:  # re-raised below, outside the nursery (no exception group)
+            outcome["error"] = exc
+        scope.cancel()
+
+    stopped_by = None
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve, nursery.cancel_scope)
+            async for sig in signals:
+                stopped_by = signal.Signals(sig).name
+                log.info("got %s, stopping", stopped_by)
+                nursery.cancel_scope.cancel()  # the session's link closes, then VmSwitch.run closes the tap
+                break
+    if "error" in outcome:
+        raise outcome["error"]
+    if stopped_by is not None:
+        log.info("vm-switch stopped (%s): session and tap %s closed", stopped_by, vm.name)
+        return 0
+    return outcome.get("status", 1)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging(args.debug, args.logfile)
     trace.start(args.trace_latency)
     try:
-        return trio.run(VmSwitch(args).run)
+        return trio.run(amain, args)
     except tap.TapError as exc:
         log.error("%s", exc)
         return 1

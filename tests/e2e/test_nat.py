@@ -22,19 +22,6 @@ ALIAS = "192.168.127.254"
 
 
 @pytest.fixture
-def host_server():
-    """The peers.py server on the host's 127.0.0.1 (TCP blob + UDP echo on one port)."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, PEERS, "serve", "127.0.0.1", str(port)])
-    try:
-        nsutil.wait_for(lambda: subprocess.run(["bash", "-c", f"exec 3<>/dev/tcp/127.0.0.1/{port}"],
-                                               capture_output=True).returncode == 0, 10, what="host server")
-        yield port
-    finally:
-        stop(proc)
-
-
-@pytest.fixture
 def internet(bed):
     """A second namespace, reachable from the host over a veth the test owns (a unique 198.18.x.0/24).
 

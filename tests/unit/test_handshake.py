@@ -191,3 +191,57 @@ def test_signal_ready_to_wrong_peer(tmp_path):
 
 def test_ready_bytes():
     assert READY == b"READY"
+
+
+def test_host_keeps_looking_after_the_give_up_and_finds_a_late_vm(tmp_path, caplog):
+    """host-switch's --handshake loop: no VM for 5 minutes is logged, not the end; a VM at minute 7 gets READY."""
+    import logging
+
+    from rdswitch.handshake import GIVE_UP
+    from rdswitch.host.__main__ import handshake
+
+    url = f"unix://{tmp_path}/late.sock"
+
+    class FakeHostSwitch:  # what handshake() reads: the sessions and the event that says they changed
+        sessions: list = []
+        sessions_changed = trio.Event()
+
+    got_ready_at = []
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(handshake, FakeHostSwitch(), [url])
+            await trio.sleep(7 * 60)  # the VM appears at minute 7
+            with trio.move_on_after(15 * 60):  # (virtual time: bounds a host that stopped looking)
+                await serve_handshake(url)  # returns once the host said READY
+                got_ready_at.append(trio.current_time())
+            nursery.cancel_scope.cancel()
+
+    caplog.set_level(logging.INFO)
+    # virtual time: the clock jumps whenever every task waits, so 7 minutes take none
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert got_ready_at and 7 * 60 <= got_ready_at[0] <= 8 * 60  # within the back-off bound (MAX_INTERVAL)
+    gave_up = [r for r in caplog.records if "no VM answered" in r.getMessage()]
+    assert len(gave_up) == 1 and "still looking" in gave_up[0].getMessage()  # once per give-up period
+    assert GIVE_UP < 7 * 60 < 2 * GIVE_UP
+
+
+def test_keep_finding_vm_backs_off_to_a_bounded_interval(tmp_path):
+    from rdswitch.handshake import keep_finding_vm
+
+    wrong = f"unix://{tmp_path}/wrong.sock"
+    probes = []
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            await nursery.start(_fake_server, wrong, b"not the phrase", lambda n: probes.append(trio.current_time()))
+            with trio.move_on_after(100):
+                await keep_finding_vm([wrong], interval=1, give_up=10, max_interval=4)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    gaps = [round(b - a, 6) for a, b in zip(probes, probes[1:])]
+    assert set(gaps[:9]) == {1} and max(gaps) == 4 and gaps[-1] == 4  # 1 s, then 2 s, then at most 4 s
+    assert 2 in gaps
+    with pytest.raises(HandshakeError):
+        trio.run(keep_finding_vm, [])

@@ -23,7 +23,7 @@ from rdswitch.stack.frames import FrameBuilder
 from rdswitch.stack.gateway import Gateway, TcpIn
 from rdswitch.stack.nat import (
     MAX_DNS_INFLIGHT, MAX_PINGS, TSO_MSS, CancelDial, Dial, DnsQuery, NatCore, NatPolicy, OffloadChanged, Ping,
-    StartLocal, ToEndpoint, UdpOpen, UdpSend,
+    StartLocal, ToEndpoint, UdpClose, UdpOpen, UdpSend,
 )
 from rdswitch.wire import ethernet, icmp, ipv4, offload, tcp, udp
 from rdswitch.wire.checksum import fold, pseudo_header_sum
@@ -226,23 +226,14 @@ def test_dial_that_connects_after_the_vm_gave_up_is_abandoned():
     assert rig.counters.drops["tcp-dial-abandoned"] == 1
 
 
-@pytest.mark.parametrize("failure", ["refused", "failed"])
+@pytest.mark.parametrize("failure", ["refused", "failed", "timeout"])
 def test_failed_dial_resets_the_vm(failure):
     rig = Rig()
     (dial,) = rig.syn(ALLOWED, 40001, 443, seq=77)
     assert rig.core.dial_done(dial.flow, failure, rig.now) is None
-    (frame,) = rig.take()
+    (frame,) = rig.take()  # a timed-out dial too: the VM's connect must not hang until its SYNs give up
     assert_rst_for_syn(frame, ALLOWED, 40001, 443, seq=77)
     assert rig.counters.drops[f"tcp-dial-{failure}"] == 1
-    assert rig.state.tcp == {} and rig.state.pending_dials == 0
-
-
-def test_timed_out_dial_sends_nothing():
-    rig = Rig()
-    (dial,) = rig.syn(ALLOWED, 40001, 443)
-    assert rig.core.dial_done(dial.flow, "timeout", rig.now) is None
-    assert rig.take() == []  # the VM's own SYN timeout applies
-    assert rig.counters.drops["tcp-dial-timeout"] == 1
     assert rig.state.tcp == {} and rig.state.pending_dials == 0
     # the VM's next SYN dials again
     assert [type(a) for a in rig.syn(ALLOWED, 40001, 443)] == [Dial]
@@ -407,13 +398,43 @@ def test_udp_expiry_follows_the_fake_clock():
     assert [type(a) for a in rig.udp(ALLOWED, 5000, 9999)] == [UdpOpen, UdpSend]
 
 
-def test_udp_flow_limit():
-    rig = Rig(max_udp_flows=2)
-    rig.udp(ALLOWED, 5000, 1)
-    rig.udp(ALLOWED, 5001, 1)
-    assert rig.udp(ALLOWED, 5002, 1) == []
-    assert rig.take() == [] and rig.counters.drops["udp-flow-limit"] == 1
-    assert len(rig.udp(ALLOWED, 5000, 1)) == 1  # existing flows still send
+def test_udp_full_table_evicts_the_least_recently_active_flow():
+    rig = Rig(max_udp_flows=3)
+    a = rig.udp(ALLOWED, 5000, 1)[0].flow
+    rig.now += 1
+    b = rig.udp(ALLOWED, 5001, 1)[0].flow
+    rig.now += 1
+    c = rig.udp(ALLOWED, 5002, 1)[0].flow
+    rig.now += 1
+    rig.udp(ALLOWED, 5000, 1)  # a datagram from the VM makes a recent
+    rig.core.udp_reply(b, b"r", rig.now)  # so does a reply to b
+    rig.now += 1
+    actions = rig.udp(ALLOWED, 5003, 1)  # a full table: c is the least recently active
+    assert [type(x) for x in actions] == [UdpClose, UdpOpen, UdpSend] and actions[0].flow is c
+    d = actions[1].flow
+    assert list(rig.state.udp.values()) == [a, b, d]
+    assert rig.counters.drops["udp-flow-evicted"] == 1 and rig.counters.values["udp_flows_total"] == 4
+    rig.take()
+    # the evicted flow's late reply still reaches the VM but does not bring it back
+    rig.core.udp_reply(c, b"late", rig.now)
+    assert len(rig.take()) == 1 and c not in rig.state.udp.values()
+    rig.core.udp_closed(c)  # its task ends: nothing else is forgotten
+    assert list(rig.state.udp.values()) == [a, b, d]
+    # c's next datagram is a new flow, which evicts a (the least recently active now)
+    actions = rig.udp(ALLOWED, 5002, 1)
+    assert [type(x) for x in actions] == [UdpClose, UdpOpen, UdpSend] and actions[0].flow is a
+    assert actions[1].flow is not c and len(rig.state.udp) == 3
+
+
+def test_udp_many_flows_through_a_small_table_are_never_refused():
+    rig = Rig(max_udp_flows=64)
+    opened = 0
+    for i in range(2000):
+        rig.now += 0.001
+        actions = rig.udp(ALIAS, 10000 + i, 7)
+        opened += sum(type(x) is UdpOpen for x in actions)
+        assert len(rig.state.udp) <= 64
+    assert opened == 2000 and rig.counters.drops["udp-flow-evicted"] == 2000 - 64
 
 
 @pytest.mark.parametrize("dst", [ip("255.255.255.255"), ip("192.168.127.255"), ip("224.0.0.251"),
@@ -827,6 +848,7 @@ class NatMachine(RuleBasedStateMachine):
             dst_ip, dport = data.draw(st.sampled_from(UDP_DSTS))
         existing = state.udp.get((VM_IP, port, dst_ip, dport))
         full = len(state.udp) >= LIMITS["max_udp_flows"]
+        flows_before = list(state.udp.values())
         mac = ethernet.BROADCAST if dst_ip == ip("255.255.255.255") else GW_MAC
         packet = ipv4.build(VM_IP, dst_ip, ipv4.PROTO_UDP, udp.build(port, dport, payload, VM_IP, dst_ip))
         actions = rig.feed(ethernet.build(mac, VM_MAC, ethernet.TYPE_IPV4, packet), self.sid)
@@ -844,8 +866,12 @@ class NatMachine(RuleBasedStateMachine):
                 pkt, msg = parse_icmp(frame)
                 assert (pkt.src, msg.code, bytes(msg.payload)) == (GW_IP, icmp.ADMIN_PROHIBITED, packet[:28])
         elif full:
-            event("udp: flow limit")
-            assert actions == [] and frames == []
+            event("udp: full table evicts")
+            assert [type(a) for a in actions] == [UdpClose, UdpOpen, UdpSend] and frames == []
+            assert actions[0].flow in flows_before and actions[0].flow not in state.udp.values()
+            assert actions[0].flow.last_activity == min(f.last_activity for f in flows_before)
+            self.udp_flows.remove(actions[0].flow)
+            self.udp_flows.append(actions[1].flow)
         else:
             assert [type(a) for a in actions] == [UdpOpen, UdpSend] and frames == []
             self.udp_flows.append(actions[0].flow)
@@ -931,7 +957,7 @@ class NatMachine(RuleBasedStateMachine):
             self.open.append(flow)
         else:
             assert conn is None
-            if outcome in ("refused", "failed") and not abandoned:
+            if outcome in ("refused", "failed", "timeout") and not abandoned:
                 (frame,) = frames
                 assert_rst_for_syn(frame, dst_ip, flow.key[1], dport, seq=self.syn_seq[flow], verify=False)
             else:

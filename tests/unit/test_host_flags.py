@@ -1,0 +1,106 @@
+"""host-switch refuses bad flags before it starts: one stderr line, exit status 2, no traceback.
+
+Each case runs the real command in a subprocess; the ``fd://N`` listener is
+also started for real (an inherited listening socket, systemd-style).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+BASE = [sys.executable, "-m", "rdswitch.host", "--allow-outbound", "127.0.0.0/8"]
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def run(args: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(BASE + args, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
+                          cwd=REPO, **kw)
+
+
+def assert_refused(res: subprocess.CompletedProcess, needle: str) -> None:
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    assert "Traceback" not in res.stderr, res.stderr
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1, res.stderr
+    assert "error: " in lines[0] and needle in lines[0], res.stderr
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--dns-record", "no-equals-sign"], "--dns-record"),
+    (["--dns-record", "foo.internal=1.2.3.999"], "1.2.3.999"),
+    (["--dns-upstream", "1.2.3.4:99999"], "99999"),
+    (["--dns-zone-file", "/nonexistent/zones.json"], "--dns-zone-file"),
+    (["--dns-ttl", "0"], "TTL"),
+    (["--dns-search", "bad..domain"], "bad..domain"),
+])
+def test_bad_dns_flags(tmp_path, flags, needle):
+    assert_refused(run(["--listen", f"unix://{tmp_path}/hs.sock", *flags]), needle)
+
+
+def test_live_socket_and_non_socket_at_a_listen_path(tmp_path):
+    live = tmp_path / "live.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(str(live))
+        server.listen(1)
+        assert_refused(run(["--listen", f"unix://{live}"]), "another process is listening there")
+        assert_refused(run(["--listen", "tcp://127.0.0.1:0", "--api-listen", f"unix://{live}"]),
+                       "another process is listening there")
+    assert live.exists()  # not clobbered
+    plain = tmp_path / "plain"
+    plain.write_text("not a socket")
+    assert_refused(run(["--listen", f"unix://{plain}"]), "not a socket")
+    assert plain.read_text() == "not a socket"
+
+
+def test_fd_urls_that_cannot_listen(tmp_path):
+    assert_refused(run(["--listen", "fd://987"]), "not an open file descriptor")
+    r, w = os.pipe()
+    a, b = socket.socketpair()
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        assert_refused(run(["--listen", f"fd://{r}"], pass_fds=[r]), "not a socket")
+        assert_refused(run(["--listen", f"fd://{a.fileno()}"], pass_fds=[a.fileno()]),
+                       "expected a listening stream socket")
+        assert_refused(run(["--listen", f"fd://{udp.fileno()}"], pass_fds=[udp.fileno()]),
+                       "expected a listening stream socket")
+    finally:
+        for fd in (r, w):
+            os.close(fd)
+        for s in (a, b, udp):
+            s.close()
+
+
+def test_listen_on_an_inherited_listening_socket(tmp_path):
+    path = str(tmp_path / "inherited.sock")
+    log = tmp_path / "hs.log"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as lsock:
+        lsock.bind(path)
+        lsock.listen(4)
+        fd = lsock.fileno()
+        proc = subprocess.Popen(BASE + ["--listen", f"fd://{fd}", "--logfile", str(log)], pass_fds=[fd],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                cwd=REPO, text=True)
+    try:
+        wait_log(log, f"listening on fd://{fd}", proc)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as vm:
+            vm.connect(path)  # the parent's socket, served by the child
+            wait_log(log, "session started", proc)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0 and "Traceback" not in err, err
+
+
+def wait_log(log, needle: str, proc: subprocess.Popen, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not (log.exists() and needle in log.read_text()):
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline, f"no {needle!r} in the log"
+        time.sleep(0.05)
