@@ -174,20 +174,7 @@ def encode(framing: str, frames: Iterable[bytes]) -> bytes:
 
     Raises FramingError for an empty frame or one the prefix cannot describe.
     """
-    framing = validate_framing(framing)
-    if framing not in STREAM_FRAMINGS:
-        raise ConfigError(f"framing {framing!r} sends one frame per datagram; there is nothing to encode")
-    pack = _PREFIX[framing].pack
-    limit = _HARD_LIMIT[framing]
-    parts: list[bytes] = []
-    append = parts.append
-    for frame in frames:
-        n = len(frame)
-        if n == 0 or n > limit:
-            raise FramingError("zero-length frame" if n == 0 else f"frame too large ({n} > {limit})")
-        append(pack(n))
-        append(frame)
-    return b"".join(parts)
+    return encoder(framing)(list(frames))
 
 
 def encoder(framing: str):

@@ -142,14 +142,17 @@ class StreamFrameLink(FrameLink):
         # Bounded: each pass either returns or adds bytes to a frame of at
         # most max_frame bytes; a longer frame was already rejected.
         while True:
-            data = await self.stream.receive_some(self._recv_chunk)
-            if not data:
-                self._eof = True
-                self._decoder.eof()
-                return []
-            frames = self._decoder.feed(data)
-            if frames:
+            frames = self._decoded(await self.stream.receive_some(self._recv_chunk))
+            if frames is not None:
                 return frames
+
+    def _decoded(self, data: bytes) -> list[bytes] | None:
+        """The frames ``data`` completes; [] at EOF; None when it completed none (read more)."""
+        if not data:
+            self._eof = True
+            self._decoder.eof()
+            return []
+        return self._decoder.feed(data) or None
 
     async def send_batch(self, frames: list[bytes]) -> None:
         if not frames:
@@ -222,13 +225,11 @@ class SocketFrameLink(FrameLink):
                 continue
             except OSError as exc:
                 raise self._error(exc) from exc
-            if not data:
-                self._eof = True
-                self._decoder.eof()
-                return []
-            frames = self._decoder.feed(data)
-            if frames:
+            frames = self._decoded(data)
+            if frames is not None:
                 return frames
+
+    _decoded = StreamFrameLink._decoded
 
     def try_send(self, frames: list[bytes]) -> bool:
         if self._closed:

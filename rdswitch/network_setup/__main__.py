@@ -216,17 +216,18 @@ async def teardown(opts: Options, st: State) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(opts.pid_file)
     if st.veth_created:
-        try:
-            if await trio.to_thread.run_sync(links.delete_link, opts.veth_host_name):
-                log.info("removed %s", opts.veth_host_name)
-        except (links.LinkError, OSError) as exc:
-            log.error("%s", exc)
+        await _remove(links.delete_link, opts.veth_host_name, f"removed {opts.veth_host_name}")
     if st.netns_created:
-        try:
-            if await trio.to_thread.run_sync(links.remove_netns, opts.netns):
-                log.info("removed network namespace %s", opts.netns)
-        except (links.LinkError, OSError) as exc:
-            log.error("%s", exc)
+        await _remove(links.remove_netns, opts.netns, f"removed network namespace {opts.netns}")
+
+
+async def _remove(remove, name: str, done: str) -> None:
+    """Run a netlink removal in a thread; log what it did, or why it failed (teardown goes on)."""
+    try:
+        if await trio.to_thread.run_sync(remove, name):
+            log.info("%s", done)
+    except (links.LinkError, OSError) as exc:
+        log.error("%s", exc)
 
 
 async def amain(opts: Options) -> int:
