@@ -50,10 +50,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--connect", default="fd://3", help="data connection: fd://N (default fd://3), unix:///path, tcp://host:port, vsock://cid:port")
     p.add_argument("--framing", default="stdio", help="stdio (16-bit LE length, default), qemu, bess, vfkit")
     p.add_argument("--resolv-conf", default=None, help="write nameserver/search from DHCP to this file")
-    p.add_argument("--offload", action="store_true",
-                   help="open the tap with virtio-net headers: the VM's kernel hands over 64 KiB TCP segments "
-                        "(TSO) and the host-switch may send 64 KiB segments with partial checksums that the "
-                        "kernel segments; needs rdswitch's host-switch (frames exceed the MTU)")
+    p.add_argument("--offload", nargs="?", const="on", default="auto", choices=("auto", "on", "off"),
+                   help="virtio-net headers on the tap. auto (the default): the host-switch may send this VM "
+                        "64 KiB TCP segments with partial checksums that the kernel segments and completes (only "
+                        "rdswitch's host-switch does, after vm-switch announces it; frames from the VM stay within "
+                        "the MTU, so any host-switch and any other VM can take them). on (--offload alone): the "
+                        "VM's kernel also hands over 64 KiB segments (TSO), which exceed the MTU: needs rdswitch's "
+                        "host-switch, and every VM on the switch that talks TCP to another VM must use it. off: plain "
+                        "frames")
     p.add_argument("--retry-interval", type=float, default=1.0, help="seconds between reconnects when a session fails")
     p.add_argument("--trace-latency", default=None, metavar="FILE", help="append per-hop timestamps of small TCP segments to FILE (see rdswitch/aio/trace.py; env RDSWITCH_TRACE_LATENCY)")
     args = p.parse_args(normalize_argv(argv, LONG_FLAGS))
@@ -91,10 +95,10 @@ class VmSwitch:
         if await trio.to_thread.run_sync(netlink.link_exists, self.name):
             log.error("interface %s already exists; refusing to start", self.name)
             return 1
-        self.tap_fd = tap.open_tap(self.name, self.args.offload)
+        self.tap_fd = tap.open_tap(self.name, vnet_hdr=self.args.offload != "off", tso=self.args.offload == "on")
         try:
             await trio.to_thread.run_sync(tap.setup_link, self.name, format_mac(self.mac), self.args.initial_mtu,
-                                          self.args.offload)
+                                          self.args.offload == "on")
             log.info("tap %s up with MAC %s", self.name, format_mac(self.mac))
             url = self.args.connect
             while True:
@@ -131,7 +135,7 @@ class VmSwitch:
     async def tap_to_link(self, link) -> None:
         fd = self.tap_fd
         read = os.read
-        skip = offload.VNET_HDR_LEN if self.args.offload else 0
+        skip = offload.VNET_HDR_LEN if self.args.offload != "off" else 0
         inline = link.can_send_inline
         while True:
             await trio.lowlevel.wait_readable(fd)
@@ -157,7 +161,7 @@ class VmSwitch:
 
     async def link_to_tap(self, link) -> None:
         fd = self.tap_fd
-        if self.args.offload:
+        if self.args.offload != "off":
             writev = os.writev
             header_for = offload.vnet_header_for
 
@@ -227,7 +231,7 @@ class VmSwitch:
     async def on_dhcp_event(self, ev, link) -> None:
         if isinstance(ev, (Bound, Renewed)):
             lease = ev.lease
-            if self.args.offload:
+            if self.args.offload != "off":
                 # Before eth0 has an address (so before any flow): tell the host-switch
                 # it may send partial checksums and 64 KiB segments to this port.
                 self.mtu = lease.mtu or self.mtu

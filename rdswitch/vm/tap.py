@@ -32,20 +32,23 @@ class TapError(RuntimeError):
     pass
 
 
-def open_tap(name: str, offload: bool = False) -> int:
+def open_tap(name: str, *, vnet_hdr: bool = False, tso: bool = False) -> int:
     """Create tap ``name`` (not persistent: it vanishes when the fd closes); return the non-blocking fd.
 
-    With ``offload`` the tap carries a virtio_net_hdr before every frame and
-    may hand over TCP segments up to 64 KiB (TSO) with the checksum left to us
-    (we never verify it: the host-switch does not either).
+    With ``vnet_hdr`` every frame each way carries a virtio_net_hdr: frames we
+    write may be 64 KiB TCP segments with a partial checksum, which the kernel
+    segments and completes.  With ``tso`` too the kernel may hand us TCP
+    segments up to 64 KiB (TSO) with the checksum left to us (we never verify
+    it: the host-switch does not either); without it, what we read is whole
+    and within the MTU.
     """
     if len(name.encode()) > 15:
         raise TapError(f"interface name {name!r} is longer than 15 bytes")
     fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        flags = IFF_TAP | IFF_NO_PI | (IFF_VNET_HDR if offload else 0)
+        flags = IFF_TAP | IFF_NO_PI | (IFF_VNET_HDR if vnet_hdr or tso else 0)
         fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), flags))
-        if offload:
+        if tso:
             fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4)
     except OSError as exc:
         os.close(fd)
