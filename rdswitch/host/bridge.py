@@ -5,12 +5,14 @@ what the VM sent goes to the host socket right there, inline, whenever the
 socket takes it, so a small exchange costs no task hand-off.  Only what
 would block waits: the bytes stay in the connection's receive buffer (its
 window closes, which is the back-pressure the VM sees) and the bridge's
-writer task takes over until the socket drains.  The other way, one reader
-task waits for the host socket to be readable, moves what it reads into the
-connection (as much as the VM's window and our send buffer allow) and the
-segments go out through the egress inline.  The connection's timers
-(retransmission, persist, TIME_WAIT) run in a task whose cancel-scope
-deadline follows the connection: re-arming a timer wakes nobody.
+writer task (started only then) takes over until the socket drains.  The
+other way, one reader task waits for the host socket to be readable, moves
+what it reads into the connection (as much as the VM's window and our send
+buffer allow) and the segments go out through the egress inline.  The
+connection's timers (retransmission, persist, TIME_WAIT) run in the flow's
+own task, whose cancel-scope deadline follows the connection: re-arming a
+timer wakes nobody.  So a flow costs two tasks, and a short connection starts
+two.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ class HostBridge:
         self._transmit = transmit
         self.counters = counters
         self._pending = b""  # read from the connection, not yet taken by the host socket
-        self._writer_wakeup = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._writing = False  # the writer task runs
         self._space = trio.Event()
         self._reader_needs_space = False
         self._timer_scope: trio.CancelScope | None = None
@@ -101,7 +104,9 @@ class HostBridge:
                 trace.hop("hs.host_write", n)
             if n < len(data):
                 self._pending = memoryview(data)[n:]
-                self._writer_wakeup.set()
+                if not self._writing and self._nursery is not None:
+                    self._writing = True
+                    self._nursery.start_soon(self._writer)
                 break
         if not self._pending and conn.eof_received and not self._host_shut and not conn.readable:
             self._host_shut = True
@@ -127,12 +132,15 @@ class HostBridge:
         """Serve the flow until both directions ended (or one failed); then close the host socket."""
         try:
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 nursery.start_soon(self._reader)
-                nursery.start_soon(self._writer)
-                nursery.start_soon(self._timer)
                 self.sync()
-                self.to_host()  # data that came with the handshake
-                await self._finished.wait()
+                if self._pending:  # the host socket was full before this task ran
+                    self._writing = True
+                    nursery.start_soon(self._writer)
+                else:
+                    self.to_host()  # data that came with the handshake
+                await self._timers_until_finished()
                 nursery.cancel_scope.cancel()
         finally:
             conn = self.conn
@@ -174,10 +182,9 @@ class HostBridge:
             self.sync()
 
     async def _writer(self) -> None:
+        """Send what the host socket did not take inline; then what the connection holds meanwhile."""
         sock = self.sock
-        while True:
-            await self._writer_wakeup.wait()
-            self._writer_wakeup = trio.Event()
+        try:
             while self._pending:
                 await trio.lowlevel.wait_writable(sock)
                 try:
@@ -188,14 +195,16 @@ class HostBridge:
                     self._fail(exc)
                     return
                 self._pending = self._pending[n:]
-            self.to_host()  # what arrived meanwhile
+        finally:
+            self._writing = False
+        self.to_host()  # what arrived meanwhile (may start a writer again)
 
-    async def _timer(self) -> None:
+    async def _timers_until_finished(self) -> None:
         conn = self.conn
-        while True:
+        while not self._finished.is_set():
             with trio.CancelScope(deadline=self._timer_deadline) as scope:
                 self._timer_scope = scope
-                await trio.sleep_forever()
+                await self._finished.wait()
             self._timer_scope = None
             now = trio.current_time()
             t = conn.next_timeout()
