@@ -30,6 +30,8 @@ import tempfile
 
 import trio
 
+from ..network_setup.children import child_pids
+
 from . import options as sbopts
 from .options import Options, Paths
 
@@ -116,15 +118,6 @@ def _pids_in_netns(name: str) -> list[int]:
             with contextlib.suppress(OSError):
                 if os.stat(f"/proc/{d}/ns/net").st_ino == ino:
                     out.append(int(d))
-    return out
-
-
-def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    with contextlib.suppress(OSError):
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/children") as f:
-                out += [int(x) for x in f.read().split()]
     return out
 
 
@@ -310,7 +303,7 @@ class Sandbox:
         # now.  unshare first: killed second, it would complain about its child's SIGKILL.
         unshare_pid = read_text(self.paths.pid_file).strip()
         if unshare_pid.isdigit() and self.setup is not None and self.setup.returncode is None:
-            kids = _children(int(unshare_pid))
+            kids = child_pids(int(unshare_pid))
             if kids and not any(_catches(pid, signal.SIGTERM) for pid in kids):
                 for pid in [int(unshare_pid), *kids]:
                     with contextlib.suppress(ProcessLookupError):

@@ -21,6 +21,8 @@ import time
 
 import nsutil
 import pytest
+
+from rdswitch.network_setup.children import child_pids
 from testbed import PY, REPO, free_port, stop
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -136,15 +138,6 @@ def pids_with(text: str) -> list[int]:
                 zombie = f.read().split(") ", 1)[1][0] == "Z"
             if text in cmd and not zombie:
                 out.append(int(d))
-    return out
-
-
-def child_pids(pid: int) -> list[int]:
-    out: list[int] = []
-    with contextlib.suppress(OSError):
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/children") as f:
-                out += [int(x) for x in f.read().split()]
     return out
 
 
