@@ -18,6 +18,8 @@ from .counters import Counters
 
 # IPv4 header (no options) followed by a TCP header without options, packed at once.
 _IP_TCP_HDR = struct.Struct("!BBHHHBBH4s4sHHIIHHHH")
+# IPv4 header (no options) followed by a UDP header, packed at once.
+_IP_UDP_HDR = struct.Struct("!BBHHHBBH4s4sHHHH")
 #: Cached Ethernet headers / TCP templates at most (a VM could otherwise grow them with made-up MACs).
 CACHE_LIMIT = 4096
 
@@ -63,11 +65,34 @@ class FrameBuilder:
 
     def udp_frames(self, dst_mac: bytes, src_ip: bytes, src_port: int, dst_ip: bytes, dst_port: int,
                    payload: bytes | memoryview) -> list[bytes] | None:
-        """A datagram of any size (fragmented to the MTU); None if over the IPv4 limit."""
-        if len(payload) > 0xFFFF - 28:
+        """A datagram of any size (fragmented to the MTU); None if over the IPv4 limit.
+
+        One that fits the MTU (DNS answers, a UDP flow's replies) is packed in one go,
+        both checksums summed from the fields, the payload copied once.
+        """
+        n = len(payload)
+        if n > 0xFFFF - 28:
             self.counters.drop("udp-too-large")
             return None
-        return self.ip_frames(dst_mac, src_ip, dst_ip, ipv4.PROTO_UDP, udp.build(src_port, dst_port, payload, src_ip, dst_ip))
+        if 28 + n > self.net.mtu:
+            return self.ip_frames(dst_mac, src_ip, dst_ip, ipv4.PROTO_UDP,
+                                  udp.build(src_port, dst_port, payload, src_ip, dst_ip))
+        ulen = 8 + n
+        total = 20 + ulen
+        self._ident = ident = (self._ident + 1) & 0xFFFF
+        addrs = pseudo_header_sum(src_ip, dst_ip, 0, 0)
+        s = 0x4500 + total + ident + ((64 << 8) | ipv4.PROTO_UDP) + addrs  # no DF: as ipv4.fragment builds it
+        while s > 0xFFFF:
+            s = (s & 0xFFFF) + (s >> 16)
+        ip_check = ~s & 0xFFFF
+        s = addrs + ipv4.PROTO_UDP + ulen + src_port + dst_port + ulen + (ones_sum(payload) if n else 0)
+        while s > 0xFFFF:
+            s = (s & 0xFFFF) + (s >> 16)
+        check = ~s & 0xFFFF or 0xFFFF  # 0 means "no checksum" in UDP
+        return [b"".join((self.eth_header(dst_mac),
+                          _IP_UDP_HDR.pack(0x45, 0, total, ident, 0, 64, ipv4.PROTO_UDP, ip_check, src_ip, dst_ip,
+                                           src_port, dst_port, ulen, check),
+                          payload))]
 
     def udp_frame(self, dst_mac: bytes, src_ip: bytes, src_port: int, dst_ip: bytes, dst_port: int,
                   payload: bytes | memoryview) -> bytes:

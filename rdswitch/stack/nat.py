@@ -46,6 +46,8 @@ MAX_PINGS = 64
 #: frame (14 + 20 + 20 + payload) stays under the 16-bit framing's 65535 bytes;
 #: the VM's kernel cuts it to its MTU (TSO in reverse).
 TSO_MSS = 65000 - 40
+#: Destinations whose policy answer is remembered (a VM could otherwise grow the cache without bound).
+DESTINATION_CACHE = 4096
 EPHEMERAL_FIRST = 49152
 EPHEMERAL_LAST = 65535
 
@@ -267,10 +269,21 @@ class NatCore:
         self.mss = net.mtu - 40
         self.sessions: dict[int, SessionState] = {}
         self.local_tcp_ports: set[int] = set()
+        self._destinations: dict[bytes, tuple[str | None, str]] = {}
         self._next_ephemeral = EPHEMERAL_FIRST
         # TCP flows fed segments during the current batch of frames: the shell
         # transmits their answers once per batch (one ACK per flow, not per segment).
         self.dirty: set[TcpFlow] = set()
+
+    def destination(self, dst: bytes) -> tuple[str | None, str]:
+        """``NatPolicy.destination``, remembered: the policy never changes, and building
+        ``ipaddress`` objects for every new flow is a measurable part of a connection's cost."""
+        found = self._destinations.get(dst)
+        if found is None:
+            if len(self._destinations) >= DESTINATION_CACHE:
+                self._destinations.clear()
+            found = self._destinations[dst] = self.policy.destination(dst)
+        return found
 
     # ---- sessions --------------------------------------------------------------------------
     def open_session(self, sid: int, counters: Counters) -> SessionState:
@@ -337,7 +350,7 @@ class NatCore:
             return _NONE
         if ev.dst_ip == self.gateway_ip:
             return self._accept_local(state, ev, key, now)
-        dst, reason = self.policy.destination(ev.dst_ip)
+        dst, reason = self.destination(ev.dst_ip)
         if dst is None:
             return self._refuse_syn(state, ev, reason)
         if len(state.tcp) >= self.policy.max_tcp_flows:
@@ -476,7 +489,7 @@ class NatCore:
             udp_flows[key] = flow  # now the most recently active (dicts keep insertion order)
             flow.last_activity = now
             return [UdpSend(flow, ev.payload)]
-        dst, reason = self.policy.destination(ev.dst_ip)
+        dst, reason = self.destination(ev.dst_ip)
         if dst is None:
             state.counters.drop(f"udp-{reason}")
             if reason != "not-unicast":  # never answer broadcast/multicast with ICMP errors (RFC 1122)
@@ -543,7 +556,7 @@ class NatCore:
 
     # ---- ICMP -----------------------------------------------------------------------------------
     def _icmp_in(self, state: SessionState, ev: IcmpEchoIn):
-        dst, reason = self.policy.destination(ev.dst_ip)
+        dst, reason = self.destination(ev.dst_ip)
         if dst is None:
             state.counters.drop(f"icmp-{reason}")
             return _NONE

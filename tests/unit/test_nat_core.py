@@ -1127,3 +1127,14 @@ def test_nat_core_state_machine():
     with mock.patch.object(N, "MAX_PINGS", SMALL_PINGS), mock.patch.object(N, "MAX_DNS_INFLIGHT", SMALL_DNS):
         run_state_machine_as_test(NatMachine, settings=settings(max_examples=200, stateful_step_count=40,
                                                                 deadline=None))
+
+
+def test_remembered_destinations_match_the_policy_and_stay_bounded(monkeypatch):
+    monkeypatch.setattr(N, "DESTINATION_CACHE", 64)
+    rig = Rig(allow_outbound=(ipaddress.IPv4Network("127.0.0.0/8"), ipaddress.IPv4Network("198.18.0.0/15")))
+    rnd = random.Random(5)
+    samples = [bytes(rnd.getrandbits(8) for _ in range(4)) for _ in range(300)]
+    samples += [NET.host_alias_ip.packed, NET.gateway_ip.packed, b"\x7f\0\0\1", b"\xc6\x12\0\1", b"\xa9\xfe\0\1"]
+    for ip in samples * 2:  # the second pass answers from the cache
+        assert rig.core.destination(ip) == rig.core.policy.destination(ip)
+        assert len(rig.core._destinations) <= 64

@@ -198,3 +198,18 @@ def test_tcp_input_fast_path_matches_general_parser(seq, ack, flags, window, pay
         (g.src_port, g.dst_port, g.seq, g.ack, g.flags, g.window, bytes(g.payload))
     if flags & tcp.SYN:
         assert f.mss == mss  # SYNs take the general path: their options are parsed
+
+
+@given(st.binary(max_size=1600), st.integers(1, 65535), st.integers(1, 65535), st.integers(0, 0xFFFE))
+def test_udp_fast_path_equals_the_general_path(payload, sport, dport, ident):
+    """A datagram that fits the MTU is packed in one go; byte for byte what the codecs build."""
+    from rdswitch.stack.frames import FrameBuilder
+    from rdswitch.wire import ethernet, ipv4, udp
+    fb = FrameBuilder(NET)
+    fb._ident = ident
+    src, dst = NET.gateway_ip.packed, NET.vm_ip.packed
+    frames = fb.udp_frames(NET.vm_mac, src, sport, dst, dport, payload)
+    expected = [ethernet.header(NET.vm_mac, NET.gateway_mac, ethernet.TYPE_IPV4) + p for p in
+                ipv4.fragment(src, dst, ipv4.PROTO_UDP, udp.build(sport, dport, payload, src, dst), NET.mtu,
+                              ident=ident + 1)]
+    assert frames == expected
