@@ -60,7 +60,7 @@ def delete_netns(ns: str) -> None:
                 os.kill(pid, sig)
         deadline = time.monotonic() + 3
         while _pids_in_ns(ns) and time.monotonic() < deadline:
-            time.sleep(0.05)
+            time.sleep(0.05)  # ok-sleep: the poll interval of a bounded wait for the processes to go
     run(["ip", "netns", "del", ns], check=False)
 
 
@@ -113,7 +113,7 @@ def wait_for(pred, timeout: float = 10, interval: float = 0.05, what: str = "con
             return value
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
+        time.sleep(interval)  # ok-sleep: the poll interval of this bounded wait for a condition
 
 
 def fd_count(pid: int) -> int:

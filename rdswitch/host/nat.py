@@ -75,10 +75,6 @@ class NatShell:
             if isinstance(flow.handle, VirtualTcpStream):
                 flow.handle.abort_if_open()
 
-    def offload(self, session: Session) -> bool:
-        state = self.core.sessions.get(session.id)
-        return state is not None and state.offload
-
     # ---- the frame path ------------------------------------------------------------------------
     def handle(self, session: Session, event, now: float) -> None:
         """One gateway event of ``session``'s VM (sync, on the frame path): decide, then act."""

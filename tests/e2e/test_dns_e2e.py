@@ -1,4 +1,4 @@
-"""Issue 4 end to end: dig and getent inside the VM namespace against gateway:53.
+"""DNS on the gateway end to end: dig and getent inside the VM namespace against gateway:53.
 
 The upstream is always a fake on 127.0.0.x started by the test (fake_dns.py),
 or a closed loopback port; never a real resolver.

@@ -108,7 +108,7 @@ def test_run_task_writes_the_tail_after_traffic_stops(tmp_path):
             cap.write([FRAME])  # buffered: within the interval
             with trio.fail_after(5):
                 while len(records(read(path))) < 2:
-                    await trio.sleep(0.01)
+                    await trio.sleep(0.01)  # ok-sleep: the poll interval of a bounded wait for the file
             nursery.cancel_scope.cancel()
 
     try:

@@ -374,7 +374,7 @@ def make_dns():
     dns = dns_server.from_args(p.parse_args(["--dns-upstream", "127.0.0.1:9", "--dns-resolv-conf", os.devnull]), NET)
 
     async def no_upstream(data, upstreams, **kw):  # never touches the network
-        await trio.sleep(0.1)
+        await trio.sleep(0.1)  # ok-sleep: virtual time (MockClock): an upstream that takes a while to fail
         raise UpstreamError("no upstream in this test")
 
     dns._forward = no_upstream
@@ -463,11 +463,11 @@ async def scenario(frames: list[bytes], ports: HostPorts, errors: ErrorLog) -> N
                 inner.start_soon(download)
                 for frame in frames:  # interleaved with the download
                     a_link.to_host.send_nowait(confine(frame, ports))
-                    await trio.sleep(0)
+                    await trio.sleep(0)  # ok-sleep: a checkpoint, so the session processes the frame
                     assert set(hs.sessions) == sessions, "a session ended"
                     check_bounds(hs)
             assert hashlib.sha256(got[0]).hexdigest() == BLOB_SHA, (len(got[0]), len(BLOB))
-            await trio.sleep(1)  # timers: dials, retransmissions, reassembly, UDP idle
+            await trio.sleep(1)  # ok-sleep: virtual time (MockClock) for the timers: dials, retransmissions, reassembly, UDP idle
             assert set(hs.sessions) == sessions and not ended, "a session ended"
             check_bounds(hs)
             drops = {k: v for s in hs.sessions.values() for k, v in s.counters.as_dict().get("drops", {}).items()}

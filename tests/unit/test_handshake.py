@@ -211,7 +211,7 @@ def test_host_keeps_looking_after_the_give_up_and_finds_a_late_vm(tmp_path, capl
     async def main():
         async with trio.open_nursery() as nursery:
             nursery.start_soon(handshake, FakeHostSwitch(), [url])
-            await trio.sleep(7 * 60)  # the VM appears at minute 7
+            await trio.sleep(7 * 60)  # ok-sleep: virtual time (MockClock): the VM appears at minute 7
             with trio.move_on_after(15 * 60):  # (virtual time: bounds a host that stopped looking)
                 await serve_handshake(url)  # returns once the host said READY
                 got_ready_at.append(trio.current_time())

@@ -11,9 +11,10 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
+
+from tests.nsutil import wait_for
 
 BASE = [sys.executable, "-m", "rdswitch.host", "--allow-outbound", "127.0.0.0/8"]
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -99,8 +100,8 @@ def test_listen_on_an_inherited_listening_socket(tmp_path):
 
 
 def wait_log(log, needle: str, proc: subprocess.Popen, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not (log.exists() and needle in log.read_text()):
+    def logged() -> bool:
         assert proc.poll() is None, proc.stderr.read()
-        assert time.monotonic() < deadline, f"no {needle!r} in the log"
-        time.sleep(0.05)
+        return log.exists() and needle in log.read_text()
+
+    wait_for(logged, timeout, what=f"{needle!r} in the log")

@@ -88,7 +88,7 @@ async def ending_a_session_ends_its_dns_and_api_tasks_at_once():
             vm.write(api_conn, b"POST /services/forwarder/expose HTTP/1.1\r\nHost: api\r\n"
                                b"Content-Length: 100\r\n\r\n{\"local\": ")  # the rest of the body never comes
             while serving(task_names()) < 2 or not any("hypercorn" in n for n in task_names()):
-                await trio.sleep(0)  # both handlers are up (bounded by fail_after)
+                await trio.sleep(0)  # ok-sleep: a checkpoint while polling for both handlers (bounded by fail_after)
             assert len(hs.sessions) == 1
 
             link.to_host.close()  # the VM's connection ends

@@ -194,7 +194,7 @@ def test_back_pressure_bounds_memory():
             assert a.conn.send_space == 0 and b.conn.rcv_room == 0
             assert blocked_at <= 20000 + 30000
             assert b.conn.readable == 30000
-            await trio.sleep(30)  # persist probes go on, nothing else moves
+            await trio.sleep(30)  # ok-sleep: virtual time (MockClock): persist probes go on, nothing else moves
             assert sent == blocked_at and b.conn.readable == 30000
             # reading releases the writer
             got = 0
@@ -276,7 +276,7 @@ def test_wait_established_and_refused():
             n.start_soon(a.timer_loop)
             a.flush()
             n.start_soon(waiter)
-            await trio.sleep(1.5)  # the SYN is retransmitted once (RTO 1 s)
+            await trio.sleep(1.5)  # ok-sleep: virtual time (MockClock): the SYN is retransmitted once (RTO 1 s)
             assert len(syns) == 2 and all(s.flags == SYN and s.seq == 7 for s in syns)
             assert outcome == []
             # the peer refuses: RST|ACK answering the SYN
