@@ -82,12 +82,14 @@ class HostBridge:
             return True
         return self._host_shut and self._host_eof and conn.all_sent_acked
 
-    def to_host(self) -> None:
-        """After segments were fed: send what the VM wrote to the host, inline when it fits."""
+    def to_host(self, now: float | None = None) -> None:
+        """After segments were fed: send what the VM wrote to the host, inline when it fits.
+
+        ``now`` is the frame batch's time when the frame path calls (the clock is read once
+        per batch); the bridge's own tasks read it only when there is something to read."""
         conn = self.conn
         if self._pending:
             return  # the writer task holds the line; the rest waits in the receive buffer
-        now = None
         sock = self.sock
         while conn.readable:
             if now is None:
@@ -124,8 +126,6 @@ class HostBridge:
         self.conn.abort()  # RST to the VM
         self.sync()
         self._finished.set()
-
-    flush = to_host  # what the NAT shell calls once per batch for the flows fed segments
 
     # ---- tasks --------------------------------------------------------------------------------
     async def run(self) -> None:

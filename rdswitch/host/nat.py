@@ -85,13 +85,15 @@ class NatShell:
                 session.counters.drop("nat-error")
                 log.exception("%r: error carrying out %s", session, type(action).__name__)
 
-    def flush(self) -> None:
+    def flush(self, now: float) -> None:
         """Once per batch of frames: the flows fed segments answer (one ACK per flow, not per segment)."""
         if self.core.dirty:
             for flow in self.core.take_dirty():
-                stream = flow.handle
-                if stream is not None:
-                    stream.flush()
+                handle = flow.handle
+                if type(handle) is HostBridge:
+                    handle.to_host(now)  # the VM's bytes to the host socket, inline
+                elif handle is not None:
+                    handle.flush()  # a VirtualTcpStream: wake its reader, send its ACK
 
     def _act(self, session: Session, action, now: float) -> None:
         kind = type(action)

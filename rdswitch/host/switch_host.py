@@ -137,7 +137,7 @@ class HostSwitch:
                     counters.drop("stack-error")
                     log.exception("%r: error handling a frame", session)
         values["bytes_in"] += nbytes
-        self.nat.flush()
+        self.nat.flush(now)
 
     def session_for(self, vm_ip: bytes) -> tuple[Session, bytes] | None:
         """The session and MAC that hold ``vm_ip``, if any VM has used it."""
