@@ -82,6 +82,36 @@ class Pinger:
         self._waiting[seq] = (ping, deadline)
         if self._scope is not None and deadline < self._scope.deadline:
             self._scope.deadline = deadline
+        # The host's own addresses answer inside the sendto (loopback runs the
+        # reply before the call returns): take it now, in the same batch of
+        # frames, instead of waking the reader task for it.
+        self._drain()
+
+    def _drain(self) -> None:
+        """Hand every reply the socket holds to the core (bounded; never blocks)."""
+        sock = self.sock
+        core = self.core
+        waiting = self._waiting
+        for _ in range(64):
+            try:
+                data, addr = sock.recvfrom(65535)
+            except BlockingIOError:
+                return
+            except OSError as exc:  # an ICMP error reported on the socket
+                log.debug("ping socket: %s", exc)
+                continue
+            try:
+                reply = icmp.parse(_strip_ip_header(data))
+            except ValueError:
+                continue
+            if reply.type != icmp.ECHO_REPLY or (self.ident and reply.ident != self.ident):
+                continue  # a raw socket sees every echo reply of the host
+            entry = waiting.get(reply.seq)
+            if entry is None or entry[0].dst != addr[0]:
+                continue
+            del waiting[reply.seq]
+            core.ping_reply(entry[0], reply.payload)
+            core.ping_done(entry[0])
 
     async def run(self) -> None:
         """Read replies and expire what gets none, until the session ends."""
@@ -95,26 +125,7 @@ class Pinger:
                     self._scope = scope
                     await trio.lowlevel.wait_readable(sock)
                 self._scope = None
-                for _ in range(64):  # drain what is there, bounded
-                    try:
-                        data, addr = sock.recvfrom(65535)
-                    except BlockingIOError:
-                        break
-                    except OSError as exc:  # an ICMP error reported on the socket
-                        log.debug("ping socket: %s", exc)
-                        continue
-                    try:
-                        reply = icmp.parse(_strip_ip_header(data))
-                    except ValueError:
-                        continue
-                    if reply.type != icmp.ECHO_REPLY or (self.ident and reply.ident != self.ident):
-                        continue  # a raw socket sees every echo reply of the host
-                    entry = waiting.get(reply.seq)
-                    if entry is None or entry[0].dst != addr[0]:
-                        continue
-                    del waiting[reply.seq]
-                    core.ping_reply(entry[0], reply.payload)
-                    core.ping_done(entry[0])
+                self._drain()
                 now = trio.current_time()
                 while waiting:
                     seq, (ping, deadline) = next(iter(waiting.items()))
