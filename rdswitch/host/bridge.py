@@ -95,6 +95,8 @@ class HostBridge:
             if now is None:
                 now = trio.current_time()
             data = conn.read(CHUNK, now)
+            if trace.enabled:  # before the send, as every hop that hands bytes to the kernel
+                trace.hop("hs.host_write", len(data))
             try:
                 n = sock.send(data)
             except BlockingIOError:
@@ -102,8 +104,6 @@ class HostBridge:
             except OSError as exc:
                 self._fail(exc)
                 return
-            if trace.enabled:
-                trace.hop("hs.host_write", n)
             if n < len(data):
                 self._pending = memoryview(data)[n:]
                 if not self._writing and self._nursery is not None:

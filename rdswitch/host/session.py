@@ -79,6 +79,8 @@ class Session:
             if link.pending_bytes + size > QUEUE_LIMIT_BYTES:
                 self.counters.drop("queue-full", len(frames))
                 return
+            if trace.enabled:  # before the send: the peer may read it before the send returns here
+                trace.frames("hs.link_write", frames)
             try:
                 clear = link.try_send(frames)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -86,8 +88,6 @@ class Session:
                 return
             values["frames_out"] += len(frames)
             values["bytes_out"] += size
-            if trace.enabled:
-                trace.frames("hs.link_write", frames)
             if not clear:
                 self._wakeup.unpark_all()
             return

@@ -153,11 +153,11 @@ class VmSwitch:
             if frames:
                 if trace.enabled:
                     trace.frames("vm.tap_read", frames)
+                    # before the send: the host-switch may read it before the send returns here
+                    trace.frames("vm.link_write", frames)
                 # inline when the socket takes it (the loop's wait_readable is the checkpoint)
                 if not (inline and link.try_send(frames)):
                     await (link.flush() if inline else link.send_batch(frames))
-                if trace.enabled:
-                    trace.frames("vm.link_write", frames)
 
     async def link_to_tap(self, link) -> None:
         fd = self.tap_fd
@@ -176,6 +176,7 @@ class VmSwitch:
                 return
             if trace.enabled:
                 trace.frames("vm.link_read", frames)
+                trace.frames("vm.tap_write", frames)  # before the writes: the VM's reader may run first
             for frame in frames:
                 if is_dhcp_reply(frame, self.mac):
                     self.on_dhcp_frame(frame)
@@ -188,8 +189,6 @@ class VmSwitch:
                     if exc.errno not in (errno.EINVAL, errno.EIO):
                         raise
                     log.debug("tap rejected a %d-byte frame: %s", len(frame), exc)
-            if trace.enabled:
-                trace.frames("vm.tap_write", frames)
 
     # ---- DHCP ---------------------------------------------------------------------------
     def on_dhcp_frame(self, frame) -> None:
