@@ -292,9 +292,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("DNS")
     if _windows():
         source_help = "the DNS servers of --dns-resolv-conf, or of Windows' network adapters"
-        conf_help = ("resolver file to forward to, re-read when it changes (default: none: Windows' own settings -- "
-                     "the adapters' DNS servers by interface metric and their DNS suffixes, plus the registry's "
-                     f"SearchList -- polled every {WINDOWS_RECHECK_INTERVAL:g} s)")
+        conf_help = ("resolver file to forward to, re-read when it changes; without it, Windows' own settings: "
+                     "the DNS servers of the adapters that are up, lowest interface metric first, their DNS "
+                     f"suffixes and the registry's SearchList, polled every {WINDOWS_RECHECK_INTERVAL:g} s")
     else:
         source_help = "the nameservers of --dns-resolv-conf"
         conf_help = f"resolver file to forward to, re-read when it changes (default: {DEFAULT_RESOLV_CONF})"
