@@ -17,11 +17,14 @@ known ones are kept).
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Callable, Hashable, Protocol, Sequence
 
 from rdswitch.services.dns.resolvconf import ResolvConf, parse_resolv_conf
 from rdswitch.services.dns.winadapters import Adapter, resolv_conf_from_adapters
+
+log = logging.getLogger(__name__)
 
 DEFAULT_RESOLV_CONF = "/etc/resolv.conf"
 WINDOWS_RECHECK_INTERVAL = 2.0
@@ -85,8 +88,14 @@ class WindowsSystem:
         self._snapshot: Snapshot | None = None
 
     def token(self) -> Snapshot:
-        adapters = tuple(self._read_adapters())
-        search_list, primary = self._read_search_lists()
+        try:
+            adapters = tuple(self._read_adapters())
+            search_list, primary = self._read_search_lists()
+        except OSError:
+            raise
+        except Exception as exc:  # a surprise in the system's data must cost the update, not the DNS service
+            log.warning("reading %s failed", self.description, exc_info=True)
+            raise OSError(f"unexpected {exc!r}") from exc
         self._snapshot = (adapters, tuple(search_list), primary or "")
         return self._snapshot
 

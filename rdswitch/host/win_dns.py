@@ -165,8 +165,17 @@ def _metric(aa: IP_ADAPTER_ADDRESSES) -> int:
     return min(metrics) if metrics else NO_METRIC
 
 
+def _has(aa: IP_ADAPTER_ADDRESSES, field: str) -> bool:
+    """Whether the structure Windows filled in is long enough to hold ``field`` (``Length`` says how long)."""
+    f = getattr(IP_ADAPTER_ADDRESSES, field)
+    return aa.Length >= f.offset + f.size
+
+
 def adapters_from_list(first, *, limit: int = 1024) -> list[Adapter]:
-    """Walk an ``IP_ADAPTER_ADDRESSES`` linked list (a ctypes pointer) into ``Adapter`` records."""
+    """Walk an ``IP_ADAPTER_ADDRESSES`` linked list (a ctypes pointer) into ``Adapter`` records.
+
+    Fields past the structure's ``Length`` (an older, shorter version) are not read.
+    """
     out: list[Adapter] = []
     node = first
     while node and len(out) < limit:
@@ -181,7 +190,7 @@ def adapters_from_list(first, *, limit: int = 1024) -> list[Adapter]:
                     servers.append(ip)
             dns = dns.contents.Next
         suffixes = []
-        suffix = aa.FirstDnsSuffix
+        suffix = aa.FirstDnsSuffix if _has(aa, "FirstDnsSuffix") else None
         while suffix and len(suffixes) < 64:
             text = _utf16_array(suffix.contents.String)
             if text:
@@ -195,7 +204,7 @@ def adapters_from_list(first, *, limit: int = 1024) -> list[Adapter]:
             dns_servers=tuple(servers),
             dns_suffix=_utf16_at(aa.DnsSuffix),
             suffixes=tuple(suffixes),
-            metric=_metric(aa),
+            metric=_metric(aa) if _has(aa, "Ipv6Metric") else NO_METRIC,
         ))
         node = aa.Next
     return out

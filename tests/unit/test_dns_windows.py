@@ -372,3 +372,23 @@ def test_windows_source_off_windows_gives_no_servers_and_one_warning(caplog):
     if sys.platform != "win32":
         assert up.current() == [] and up.search() == []
         assert "cannot read the Windows network adapters" in caplog.text
+
+
+def test_a_short_structure_is_not_read_past_its_length():
+    keep = []
+    aa = _fake_adapter(keep, friendly="old", guid="{O}", servers=["10.0.0.1"], suffixes=["x.example"], v4_metric=7)
+    aa.Length = win_dns.IP_ADAPTER_ADDRESSES.Ipv4Metric.offset  # an XP-sized structure
+    (adapter,) = win_dns.adapters_from_list(ctypes.pointer(aa))
+    assert adapter.dns_servers == ("10.0.0.1",) and adapter.suffixes == () and adapter.metric == win_dns.NO_METRIC
+
+
+def test_an_unexpected_reader_error_keeps_the_last_servers(caplog):
+    win = FakeWindows()
+    now = [0.0]
+    up = Upstreams(source=win.source(), clock=lambda: now[0])
+    win.read_search_lists = lambda: 1 / 0  # a bug or surprising data, not an OSError
+    up.source._read_search_lists = win.read_search_lists
+    now[0] += 10
+    with caplog.at_level(logging.WARNING):
+        assert up.current() == [("192.168.1.1", 53)]
+    assert "ZeroDivisionError" in caplog.text
