@@ -22,8 +22,8 @@ from typing import Hashable, Iterable
 
 import trio
 
-from rdswitch.services.dns.message import is_truncated, rcode_of
 from rdswitch.host.dns_sources import DnsSource, ResolvConfFile
+from rdswitch.services.dns.message import is_truncated, rcode_of
 from rdswitch.services.dns.resolvconf import ResolvConf
 
 log = logging.getLogger(__name__)

@@ -17,14 +17,11 @@ UTF-16 by hand.  The 64-bit offsets are checked by ``tests/unit/test_dns_windows
 from __future__ import annotations
 
 import ctypes
-import logging
 import struct
 import sys
 from ctypes import POINTER, Structure, c_int32, c_uint8, c_uint16, c_uint32, c_uint64, c_void_p
 
-from rdswitch.services.dns.winadapters import NO_METRIC, IF_OPER_STATUS_UP, Adapter, parse_search_list, sockaddr_ip
-
-log = logging.getLogger(__name__)
+from rdswitch.services.dns.winadapters import IF_OPER_STATUS_UP, NO_METRIC, Adapter, parse_search_list, sockaddr_ip
 
 MAX_ADAPTER_ADDRESS_LENGTH = 8
 MAX_DHCPV6_DUID_LENGTH = 130
