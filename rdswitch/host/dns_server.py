@@ -13,12 +13,14 @@ from __future__ import annotations
 import argparse
 import logging
 import struct
+import sys
 from typing import Any, Awaitable, Callable
 
 import dnslib
 import trio
 
 from rdswitch.config import ConfigError, NetConfig
+from rdswitch.host.dns_sources import DEFAULT_RESOLV_CONF, WINDOWS_RECHECK_INTERVAL, DnsSource, ResolvConfFile, WindowsSystem
 from rdswitch.host.dns_upstream import Upstreams, UpstreamError, forward
 from rdswitch.services.dns import message
 from rdswitch.services.dns.authority import DEFAULT_TTL, DnsAuthority
@@ -218,9 +220,10 @@ class DnsService:
     # -- management (for the HTTP API and DHCP) ------------------------------------
 
     def search_domains(self, *, refresh: bool = False) -> list[str]:
-        """Search domains for DHCP option 119: ``--dns-search`` or the resolv.conf search line (no trailing dots).
+        """Search domains for DHCP option 119: ``--dns-search`` or the source's (resolv.conf search line,
+        Windows' suffixes), no trailing dots.
 
-        ``refresh`` checks the resolv.conf now rather than at most every ``recheck_interval``.
+        ``refresh`` checks the source now rather than at most every ``recheck_interval``.
         """
         if self._search is not None:
             return list(self._search)
@@ -237,22 +240,26 @@ class DnsService:
     ) -> None:
         """Keep DHCP's search domains in step with the host, off the frame path.
 
-        Calls ``apply(domains)`` at once, then again whenever the resolv.conf's
-        search line changes (checked every ``interval`` seconds); e.g.
+        Calls ``apply(domains)`` at once, then again whenever the source's
+        search domains change (checked every ``interval`` seconds, or the
+        source's ``recheck_interval`` if longer: Windows is polled, not
+        stat'ed); e.g.
         ``nursery.start_soon(dns.keep_search_domains, dhcp.set_search_domains)``.
-        With ``--dns-search`` or no resolv.conf nothing can change: one call,
+        With ``--dns-search`` or no source nothing can change: one call,
         and the task returns.
         """
         current = self.search_domains(refresh=True)
         apply(list(current))
         task_status.started()
-        if self._search is not None or self.upstreams.path is None:
+        source = self.upstreams.source
+        if self._search is not None or source is None:
             return
+        interval = max(interval, self.upstreams.recheck_interval)
         while True:
             await trio.sleep(interval)
             domains = self.search_domains(refresh=True)
             if domains != current:
-                log.info("DHCP search domains now %s (from %s)", domains, self.upstreams.path)
+                log.info("DHCP search domains now %s (from %s)", domains, source.description)
                 current = domains
                 apply(list(domains))
 
@@ -283,10 +290,17 @@ class DnsService:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("DNS")
+    if _windows():
+        source_help = "the DNS servers of --dns-resolv-conf, or of Windows' network adapters"
+        conf_help = ("resolver file to forward to, re-read when it changes; without it, Windows' own settings: "
+                     "the DNS servers of the adapters that are up, lowest interface metric first, their DNS "
+                     f"suffixes and the registry's SearchList, polled every {WINDOWS_RECHECK_INTERVAL:g} s")
+    else:
+        source_help = "the nameservers of --dns-resolv-conf"
+        conf_help = f"resolver file to forward to, re-read when it changes (default: {DEFAULT_RESOLV_CONF})"
     g.add_argument("--dns-upstream", action="append", default=[], metavar="IP[:PORT]",
-                   help="upstream DNS server (repeatable); default: the nameservers of --dns-resolv-conf")
-    g.add_argument("--dns-resolv-conf", default="/etc/resolv.conf", metavar="PATH",
-                   help="resolver file to forward to, re-read when it changes (default: %(default)s)")
+                   help=f"upstream DNS server (repeatable); default: {source_help}")
+    g.add_argument("--dns-resolv-conf", default=None, metavar="PATH", help=conf_help)
     g.add_argument("--dns-ttl", type=int, default=DEFAULT_TTL, metavar="SECONDS",
                    help="TTL of the local records (default: %(default)s)")
     g.add_argument("--dns-zone-file", metavar="PATH",
@@ -294,7 +308,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dns-record", action="append", default=[], metavar="NAME=IP",
                    help="extra local record, e.g. foo.rancher-desktop.internal=10.0.0.5 (repeatable)")
     g.add_argument("--dns-search", action="append", default=[], metavar="DOMAIN",
-                   help="search domain announced by DHCP (repeatable); default: the resolv.conf search line")
+                   help="search domain announced by DHCP (repeatable); default: the resolv.conf search line"
+                        + (" (Windows: the system's DNS suffixes)" if _windows() else ""))
+
+
+def _windows() -> bool:
+    return sys.platform == "win32"
+
+
+def dns_source(args: argparse.Namespace) -> DnsSource:
+    """``--dns-resolv-conf PATH`` when given; else Windows' settings on Windows, /etc/resolv.conf elsewhere."""
+    path = getattr(args, "dns_resolv_conf", None)
+    if path is not None:
+        return ResolvConfFile(path)
+    if _windows():
+        return WindowsSystem()
+    return ResolvConfFile(DEFAULT_RESOLV_CONF)
 
 
 def from_args(args: argparse.Namespace, net: NetConfig) -> DnsService:
@@ -311,10 +340,8 @@ def from_args(args: argparse.Namespace, net: NetConfig) -> DnsService:
         name, ip = parse_record_flag(flag)
         add_record(zones, name, ip)
     authority = DnsAuthority(zones, args.dns_ttl)
-    if args.dns_upstream:
-        upstreams = Upstreams([parse_server(s) for s in args.dns_upstream], resolv_conf=args.dns_resolv_conf)
-    else:
-        upstreams = Upstreams(resolv_conf=args.dns_resolv_conf)
+    servers = [parse_server(s) for s in args.dns_upstream]
+    upstreams = Upstreams(servers or None, source=dns_source(args))
     search = []
     for d in args.dns_search:
         search.append(normalize_zone_name(d).rstrip("."))

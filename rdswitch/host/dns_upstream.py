@@ -1,8 +1,9 @@
 """Forwarding DNS queries to the host's resolvers (trio shell, opens host sockets).
 
 ``Upstreams`` says where to send: a fixed list (``--dns-upstream``) or the
-nameservers of a resolv.conf, re-read whenever the file changes so that a VPN
-that rewrites the host's resolvers is followed without a restart.
+nameservers of a ``DnsSource`` (``dns_sources.py``: a resolv.conf, or Windows'
+adapters and registry), re-read whenever it changes so that a VPN that
+changes the host's resolvers is followed without a restart.
 
 ``forward`` sends the raw query: UDP first (a fresh connected socket per query,
 so the reply must come from the server we asked, with our ID), the same server
@@ -17,12 +18,13 @@ import logging
 import os
 import struct
 import time
-from typing import Iterable
+from typing import Hashable, Iterable
 
 import trio
 
+from rdswitch.host.dns_sources import DnsSource, ResolvConfFile
 from rdswitch.services.dns.message import is_truncated, rcode_of
-from rdswitch.services.dns.resolvconf import ResolvConf, parse_resolv_conf
+from rdswitch.services.dns.resolvconf import ResolvConf
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +42,11 @@ _EXCHANGE_ERRORS = (OSError, UpstreamError, struct.error, trio.BrokenResourceErr
 
 
 class Upstreams:
-    """The current upstream servers: fixed, or from a resolv.conf that is re-read when it changes.
+    """The current upstream servers: fixed, or from a ``DnsSource`` that is re-read when it changes.
 
-    With both, the servers are the fixed ones and the resolv.conf only gives search domains.
+    The source is a resolv.conf (``resolv_conf=PATH``) or any ``DnsSource``
+    (``source=``, e.g. ``WindowsSystem()``).  With both fixed servers and a
+    source, the servers are the fixed ones and the source only gives search domains.
     """
 
     def __init__(
@@ -50,17 +54,25 @@ class Upstreams:
         servers: Iterable[Server] | None = None,
         resolv_conf: str | os.PathLike | None = None,
         *,
-        recheck_interval: float = 0.25,
+        source: DnsSource | None = None,
+        recheck_interval: float | None = None,
         clock=time.monotonic,
     ):
+        if resolv_conf is not None and source is not None:
+            raise ValueError("give either resolv_conf or source, not both")
         self._fixed = list(servers) if servers else None
-        self.path = None if resolv_conf is None else os.fspath(resolv_conf)
+        if resolv_conf is not None:
+            source = ResolvConfFile(resolv_conf)
+        self.source = source
+        self.path = source.path if isinstance(source, ResolvConfFile) else None
+        if recheck_interval is None:
+            recheck_interval = source.recheck_interval if source is not None else 0.25
         self.recheck_interval = recheck_interval
         self._clock = clock
         self._last_check = float("-inf")
-        self._stamp: tuple | None = None
+        self._stamp: Hashable | None = None
         self._conf = ResolvConf()
-        if self.path is not None:
+        if self.source is not None:
             self._reload(force=True)
 
     @property
@@ -68,12 +80,12 @@ class Upstreams:
         return self._fixed is not None
 
     def reload(self) -> None:
-        """Check the resolv.conf now, whenever it was last checked; re-read it if it changed.
+        """Check the source now, whenever it was last checked; re-read it if it changed.
 
-        For a task that follows the file on its own schedule; a missing file is
-        only logged when it disappears, not on every check.
+        For a task that follows the source on its own schedule; an unreadable
+        source is only logged when it becomes unreadable, not on every check.
         """
-        if self.path is not None:
+        if self.source is not None:
             self._reload(force=True, quiet=True)
 
     def _reload(self, force: bool = False, *, quiet: bool = False) -> None:
@@ -81,38 +93,36 @@ class Upstreams:
         if not force and now - self._last_check < self.recheck_interval:
             return
         self._last_check = now
+        where = self.source.description
         try:
-            st = os.stat(self.path)
-            stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            stamp = self.source.token()
             if stamp == self._stamp:
                 return
-            with open(self.path, encoding="utf-8", errors="replace") as f:
-                text = f.read(1 << 20)
+            conf = self.source.read()
         except OSError as exc:
             if self._stamp is not None or (force and not quiet):
-                log.warning("cannot read %s (%s); keeping the last known DNS servers %s", self.path, exc, list(self._conf.nameservers))
+                log.warning("cannot read %s (%s); keeping the last known DNS servers %s", where, exc, list(self._conf.nameservers))
             self._stamp = None
             return
-        conf = parse_resolv_conf(text)
         if conf != self._conf:
             if self._fixed is None:
-                log.info("DNS upstreams from %s: %s, search %s", self.path, list(conf.nameservers), list(conf.search))
+                log.info("DNS upstreams from %s: %s, search %s", where, list(conf.nameservers), list(conf.search))
             else:
-                log.info("DNS search domains from %s: %s (upstreams fixed: %s)", self.path, list(conf.search), self._fixed)
+                log.info("DNS search domains from %s: %s (upstreams fixed: %s)", where, list(conf.search), self._fixed)
         self._stamp = stamp
         self._conf = conf
 
     def current(self) -> list[Server]:
         if self._fixed is not None:
             return list(self._fixed)
-        if self.path is None:
+        if self.source is None:
             return []
         self._reload()
         return list(self._conf.nameservers)
 
     def search(self) -> list[str]:
-        """Search domains of the resolv.conf (also when the servers are fixed)."""
-        if self.path is None:
+        """Search domains of the source (also when the servers are fixed)."""
+        if self.source is None:
             return []
         self._reload()
         return list(self._conf.search)

@@ -4,6 +4,7 @@
 * ``authority`` -- ``DnsAuthority``: answers queries from the zones (NXDOMAIN, NODATA, SOA, PTR);
 * ``message`` -- raw message helpers: FORMERR/SERVFAIL/NOTIMP, truncation for UDP, flags;
 * ``resolvconf`` -- parsing a resolv.conf's text and ``IP[:PORT]`` server specs.
+* ``winadapters`` -- Windows' adapters (plain records) and search lists -> servers and search domains.
 
 No sockets, no clock, no file reads: DNS messages (bytes or ``dnslib.DNSRecord``)
 and texts in, DNS messages and data out.  The trio shells live in
