@@ -35,13 +35,19 @@ __all__ = ["StreamListener", "FrameListener", "check_listen", "listen", "listen_
 log = logging.getLogger("rdswitch.aio")
 
 
-def _new_socket(family: int, type_: int) -> _stdsocket.socket:
+def _new_socket(family: int, type_: int, proto: int = 0) -> _stdsocket.socket:
     try:
-        return _stdsocket.socket(family, type_)
+        return _stdsocket.socket(family, type_, proto)
     except OSError as exc:
         if family == getattr(_stdsocket, "AF_VSOCK", None) and exc.errno in (errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT):
             raise OSError(exc.errno, f"vsock is not available on this machine (is the vsock kernel module loaded?): {exc.strerror}") from None
+        if family == getattr(_stdsocket, "AF_HYPERV", None):
+            raise OSError(exc.errno, f"Hyper-V sockets are not available here (is Hyper-V / WSL 2 enabled?): {exc.strerror or exc}") from None
         raise
+
+
+def _ep_socket(ep: Endpoint, type_: int) -> _stdsocket.socket:
+    return _new_socket(ep.family, type_, ep.proto)
 
 
 
@@ -289,7 +295,7 @@ async def _bound_socket(ep: Endpoint, sock_type: int) -> tuple[_stdsocket.socket
         raise ConfigError(f"cannot listen on {ep}: this framing needs a unix:// socket")
     if ep.scheme == "unix":
         _prepare_unix_path(ep.path, sock_type)
-    sock = _new_socket(ep.family, sock_type)
+    sock = _ep_socket(ep, sock_type)
     try:
         if ep.scheme == "tcp":
             sock.setsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_REUSEADDR, 1)
@@ -317,7 +323,7 @@ def _is_ip(host: str) -> bool:
 
 
 async def listen_stream(url: str, *, backlog: int = 128) -> StreamListener:
-    """A listener of raw byte streams (unix, tcp, vsock)."""
+    """A listener of raw byte streams (unix, tcp, vsock, hvsock)."""
     ep = parse_url(url)
     sock, path = await _bound_socket(ep, _stdsocket.SOCK_STREAM)
     try:
@@ -361,10 +367,10 @@ async def _connect(ep: Endpoint, sock_type: int) -> trio.socket.SocketType:
             # Host names: let trio try every address.
             stream = await trio.open_tcp_stream(ep.host, ep.port)
             return stream.socket  # type: ignore[return-value]
-    if ep.scheme == "vsock" and sock_type != _stdsocket.SOCK_STREAM:
+    if ep.scheme in ("vsock", "hvsock") and sock_type != _stdsocket.SOCK_STREAM:
         raise ConfigError(f"cannot dial {ep}: this framing needs a unix:// socket")
     addr = ep.sockaddr()
-    tsock = trio.socket.from_stdlib_socket(_new_socket(ep.family, sock_type))
+    tsock = trio.socket.from_stdlib_socket(_ep_socket(ep, sock_type))
     try:
         await tsock.connect(addr)
     except BaseException:
@@ -374,7 +380,7 @@ async def _connect(ep: Endpoint, sock_type: int) -> trio.socket.SocketType:
 
 
 async def dial_stream(url: str) -> trio.abc.Stream:
-    """A connected byte stream (unix, tcp, vsock, fd)."""
+    """A connected byte stream (unix, tcp, vsock, hvsock, fd)."""
     ep = parse_url(url)
     if ep.scheme == "fd":
         return _stream_from_fd(ep.fd)
