@@ -16,6 +16,7 @@ it as Windows would.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import signal
@@ -30,7 +31,7 @@ from ..config import ConfigError, NetConfig, normalize_argv
 from ..aio import trace
 from ..aio.tasks import accept_loop
 from ..framing import validate_framing
-from ..handshake import Candidates, HandshakeError, keep_finding_vm, refusal, signal_ready
+from ..handshake import Candidates, Dial, HandshakeError, keep_finding_vm, refusal, signal_ready
 from . import defaults, dns_server
 from .compute_systems import RegistryCandidates, RegistryComputeSystems
 from ..services.forwarder import parse_port_forward_flag
@@ -152,7 +153,8 @@ async def serve_listener(hs: HostSwitch, listener, url: str, gate: PeerGate | No
         await accept_loop(listener, handler, nursery, f"listener {url}", log)
 
 
-async def handshake(hs: HostSwitch, candidates: Candidates, *, retry: float = 1.0, gate: PeerGate | None = None) -> None:
+async def handshake(hs: HostSwitch, candidates: Candidates, *, retry: float = 1.0, gate: PeerGate | None = None,
+                    dial: Dial = connect.dial_stream) -> None:
     """Find the VM, tell it READY; look again whenever its session has ended (a restarted vm-switch).
 
     Never gives up for good: while no VM answers, keep_finding_vm logs once per
@@ -160,12 +162,12 @@ async def handshake(hs: HostSwitch, candidates: Candidates, *, retry: float = 1.
     The VM found is admitted by ``gate`` before READY (the VM dials right after it).
     """
     while True:
-        url = await keep_finding_vm(candidates)
+        url = await keep_finding_vm(candidates, dial=dial)
         if gate is not None:
             gate.found = url
         log.info("found the VM at %s; signalling READY", url)
         try:
-            await signal_ready(url)
+            await signal_ready(url, dial=dial)
         except (HandshakeError, OSError) as exc:
             log.error("handshake failed: %s; looking again in %gs", exc, retry)
             await trio.sleep(retry)
@@ -207,7 +209,7 @@ async def amain(args: argparse.Namespace) -> int:
             log.info("listening on %s (framing %s)", url, args.framing)
             nursery.start_soon(serve_listener, hs, listener, url, gate)
         if args.handshake_used:
-            nursery.start_soon(handshake, hs, args.candidates, gate=gate)
+            nursery.start_soon(functools.partial(handshake, hs, args.candidates, gate=gate))
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for sig in signals:
                 log.info("got %s, shutting down", signal.Signals(sig).name)

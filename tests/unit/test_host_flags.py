@@ -105,3 +105,44 @@ def wait_log(log, needle: str, proc: subprocess.Popen, timeout: float = 15.0) ->
         return log.exists() and needle in log.read_text()
 
     wait_for(logged, timeout, what=f"{needle!r} in the log")
+
+
+# ---------------------------------------------------------------- defaults without flags (rdswitch.host.defaults)
+
+NO_VSOCK = [sys.executable, "-c", "import sys, rdswitch.host.__main__ as m; m.vsock_works = lambda: False; "
+                                  "sys.exit(m.main(sys.argv[1:]))"]
+
+
+def test_no_flags_without_vsock_or_runtime_dir_is_refused(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"}
+    res = subprocess.run(NO_VSOCK, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
+                         cwd=REPO, env=env)
+    assert_refused(res, "nothing to serve")
+
+
+def test_no_flags_listens_in_the_runtime_dir_without_vsock(tmp_path):
+    log = tmp_path / "hs.log"
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(tmp_path)}
+    proc = subprocess.Popen(NO_VSOCK + ["--logfile", str(log)], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO, text=True, env=env)
+    try:
+        wait_log(log, f"listening on unix://{tmp_path}/rdswitch-host.sock", proc)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as vm:
+            vm.connect(str(tmp_path / "rdswitch-host.sock"))  # no handshake: any peer gets a session
+            wait_log(log, "session started", proc)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0 and "Traceback" not in err, err
+
+
+def test_handshake_flags_that_leave_nothing_to_serve(tmp_path):
+    assert_refused(run(["--handshake", f"unix://{tmp_path}/hs.sock"]), "needs a --listen URL")
+    assert_refused(run(["--handshake", "hvsock://wsl:6669"]), "is not a GUID")
+    assert_refused(run(["--handshake", "vsock://3"]), "expected vsock://CID:PORT")
+
+
+def test_help_documents_the_defaults():
+    res = run(["--help"])
+    assert res.returncode == 0
+    assert "Windows" in res.stdout and "HostComputeService" in res.stdout and "vsock://:6656" in res.stdout
