@@ -298,7 +298,12 @@ async def _bound_socket(ep: Endpoint, sock_type: int) -> tuple[_stdsocket.socket
     sock = _ep_socket(ep, sock_type)
     try:
         if ep.scheme == "tcp":
-            sock.setsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_REUSEADDR, 1)
+            # Windows' SO_REUSEADDR would let another process take the port over: keep it ours instead
+            # (as trio.open_tcp_listeners does)
+            if hasattr(_stdsocket, "SO_EXCLUSIVEADDRUSE"):
+                sock.setsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_EXCLUSIVEADDRUSE, 1)
+            else:
+                sock.setsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_REUSEADDR, 1)
         if ep.scheme == "tcp" and not _is_ip(ep.host):
             infos = await trio.socket.getaddrinfo(ep.host, ep.port, ep.family, sock_type)
             if not infos:
