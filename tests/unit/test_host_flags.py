@@ -146,3 +146,25 @@ def test_help_documents_the_defaults():
     res = run(["--help"])
     assert res.returncode == 0
     assert "Windows" in res.stdout and "HostComputeService" in res.stdout and "vsock://:6656" in res.stdout
+
+
+def test_with_a_handshake_nobody_else_gets_a_session(tmp_path):
+    """The gate is wired in: before any VM answered the (vsock) handshake, a peer on the data URL is refused."""
+    path = str(tmp_path / "host.sock")
+    log = tmp_path / "hs.log"
+    proc = subprocess.Popen(BASE + ["--handshake", "vsock://3:6669", "--listen", f"unix://{path}", "--logfile", str(log)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO,
+                            text=True)
+    try:
+        wait_log(log, f"listening on unix://{path}", proc)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as intruder:
+            intruder.connect(path)
+            wait_log(log, "refused a data connection", proc)
+            intruder.settimeout(10)
+            assert intruder.recv(1) == b""  # closed by the host
+        assert "no VM has passed the handshake yet" in log.read_text()
+        assert "session started" not in log.read_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0 and "Traceback" not in err, err
