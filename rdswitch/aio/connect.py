@@ -213,12 +213,14 @@ def _listen_type(framing: str) -> int:
 def check_listen(url: str, framing: str = "stdio") -> None:
     """Check, before trio runs, that :func:`listen` can use ``url``: ConfigError (one line) if not.
 
-    A unix path must be free or a stale socket (not a live socket, not another
+    vsock and hvsock need their socket family (AF_VSOCK, AF_HYPERV).  A unix path must be free or a stale socket (not a live socket, not another
     kind of file); ``fd://N`` must be an inherited socket of the framing's type,
     listening (stream, seqpacket) or bound (datagram).
     """
     ep = parse_url(url)
     sock_type = _listen_type(framing)
+    if ep.scheme in ("vsock", "hvsock"):
+        _ = ep.family  # ConfigError where this OS/Python has no such sockets
     if ep.scheme == "fd":
         _inherited_listener(ep.fd, sock_type).detach()
     elif ep.scheme == "unix":

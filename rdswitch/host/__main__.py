@@ -84,8 +84,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     try:
         args.net = NetConfig(subnet=args.subnet, gateway_mac=args.gateway_mac, vm_mac=args.vm_mac, mtu=args.mtu)
         args.framing = validate_framing(args.framing)
-        for url in args.handshake:
-            parse_url(url)
+        for url in args.handshake:  # dialable here: a CID / VM id, and the socket family exists
+            ep = parse_url(url)
+            if ep.scheme in ("vsock", "hvsock"):
+                _ = ep.family  # ConfigError where this OS/Python has no such sockets
+                ep.sockaddr()
         plan = defaults.plan(args.listen, args.handshake, windows=sys.platform == "win32",
                              vsock_works=not args.listen and not args.handshake and vsock_works(),
                              runtime_dir=os.environ.get("XDG_RUNTIME_DIR"))

@@ -140,6 +140,10 @@ def test_handshake_flags_that_leave_nothing_to_serve(tmp_path):
     assert_refused(run(["--handshake", f"unix://{tmp_path}/hs.sock"]), "needs a --listen URL")
     assert_refused(run(["--handshake", "hvsock://wsl:6669"]), "is not a GUID")
     assert_refused(run(["--handshake", "vsock://3"]), "expected vsock://CID:PORT")
+    assert_refused(run(["--handshake", "vsock://:6669"]), "no CID")
+    if not hasattr(socket, "AF_HYPERV"):  # not Windows: one line, not a traceback from inside trio
+        assert_refused(run(["--handshake", "hvsock://a1b2c3d4-e5f6-4789-8abc-def012345678:6669"]), "AF_HYPERV")
+        assert_refused(run(["--listen", "hvsock://:6656"]), "AF_HYPERV")
 
 
 def test_help_documents_the_defaults():
