@@ -152,8 +152,8 @@ async def find_vm(candidates: Candidates, *, interval: float = 1.0, give_up: flo
                 log.info("handshake: found the VM at %s", found[0])
                 return found[0]
             await trio.sleep_until(deadline)
-    what = ", ".join(sorted(tried)) if tried else "no candidate VM was listed"
-    raise HandshakeError(f"no VM answered the handshake within {give_up:g}s (tried {what})")
+    what = f"tried {', '.join(sorted(tried))}" if tried else "no candidate VM was listed"
+    raise HandshakeError(f"no VM answered the handshake within {give_up:g}s ({what})")
 
 
 async def keep_finding_vm(candidates: Candidates, *, interval: float = 1.0, give_up: float = GIVE_UP,

@@ -302,6 +302,13 @@ def test_a_vm_that_disappears_mid_probe_does_not_end_the_round():
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
+def test_no_vm_listed_at_all_is_said_so():
+    from rdswitch.handshake import HandshakeError
+
+    with pytest.raises(HandshakeError, match=r"within 3s \(no candidate VM was listed\)"):
+        trio.run(lambda: find_vm(lambda: [], interval=1, give_up=3), clock=trio.testing.MockClock(autojump_threshold=0))
+
+
 def test_rounds_with_no_vm_listed_wait_for_one():
     listed = [[], [], [VM_A]]
 
