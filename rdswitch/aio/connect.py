@@ -35,13 +35,19 @@ __all__ = ["StreamListener", "FrameListener", "check_listen", "listen", "listen_
 log = logging.getLogger("rdswitch.aio")
 
 
-def _new_socket(family: int, type_: int) -> _stdsocket.socket:
+def _new_socket(family: int, type_: int, proto: int = 0) -> _stdsocket.socket:
     try:
-        return _stdsocket.socket(family, type_)
+        return _stdsocket.socket(family, type_, proto)
     except OSError as exc:
         if family == getattr(_stdsocket, "AF_VSOCK", None) and exc.errno in (errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT):
             raise OSError(exc.errno, f"vsock is not available on this machine (is the vsock kernel module loaded?): {exc.strerror}") from None
+        if family == getattr(_stdsocket, "AF_HYPERV", None):
+            raise OSError(exc.errno, f"Hyper-V sockets are not available here (is Hyper-V / WSL 2 enabled?): {exc.strerror or exc}") from None
         raise
+
+
+def _ep_socket(ep: Endpoint, type_: int) -> _stdsocket.socket:
+    return _new_socket(ep.family, type_, ep.proto)
 
 
 
@@ -207,12 +213,14 @@ def _listen_type(framing: str) -> int:
 def check_listen(url: str, framing: str = "stdio") -> None:
     """Check, before trio runs, that :func:`listen` can use ``url``: ConfigError (one line) if not.
 
-    A unix path must be free or a stale socket (not a live socket, not another
+    vsock and hvsock need their socket family (AF_VSOCK, AF_HYPERV).  A unix path must be free or a stale socket (not a live socket, not another
     kind of file); ``fd://N`` must be an inherited socket of the framing's type,
     listening (stream, seqpacket) or bound (datagram).
     """
     ep = parse_url(url)
     sock_type = _listen_type(framing)
+    if ep.scheme in ("vsock", "hvsock"):
+        _ = ep.family  # ConfigError where this OS/Python has no such sockets
     if ep.scheme == "fd":
         _inherited_listener(ep.fd, sock_type).detach()
     elif ep.scheme == "unix":
@@ -289,10 +297,15 @@ async def _bound_socket(ep: Endpoint, sock_type: int) -> tuple[_stdsocket.socket
         raise ConfigError(f"cannot listen on {ep}: this framing needs a unix:// socket")
     if ep.scheme == "unix":
         _prepare_unix_path(ep.path, sock_type)
-    sock = _new_socket(ep.family, sock_type)
+    sock = _ep_socket(ep, sock_type)
     try:
         if ep.scheme == "tcp":
-            sock.setsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_REUSEADDR, 1)
+            # Windows' SO_REUSEADDR would let another process take the port over: keep it ours instead
+            # (as trio.open_tcp_listeners does)
+            if hasattr(_stdsocket, "SO_EXCLUSIVEADDRUSE"):
+                sock.setsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_EXCLUSIVEADDRUSE, 1)
+            else:
+                sock.setsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_REUSEADDR, 1)
         if ep.scheme == "tcp" and not _is_ip(ep.host):
             infos = await trio.socket.getaddrinfo(ep.host, ep.port, ep.family, sock_type)
             if not infos:
@@ -317,7 +330,7 @@ def _is_ip(host: str) -> bool:
 
 
 async def listen_stream(url: str, *, backlog: int = 128) -> StreamListener:
-    """A listener of raw byte streams (unix, tcp, vsock)."""
+    """A listener of raw byte streams (unix, tcp, vsock, hvsock)."""
     ep = parse_url(url)
     sock, path = await _bound_socket(ep, _stdsocket.SOCK_STREAM)
     try:
@@ -361,10 +374,10 @@ async def _connect(ep: Endpoint, sock_type: int) -> trio.socket.SocketType:
             # Host names: let trio try every address.
             stream = await trio.open_tcp_stream(ep.host, ep.port)
             return stream.socket  # type: ignore[return-value]
-    if ep.scheme == "vsock" and sock_type != _stdsocket.SOCK_STREAM:
+    if ep.scheme in ("vsock", "hvsock") and sock_type != _stdsocket.SOCK_STREAM:
         raise ConfigError(f"cannot dial {ep}: this framing needs a unix:// socket")
     addr = ep.sockaddr()
-    tsock = trio.socket.from_stdlib_socket(_new_socket(ep.family, sock_type))
+    tsock = trio.socket.from_stdlib_socket(_ep_socket(ep, sock_type))
     try:
         await tsock.connect(addr)
     except BaseException:
@@ -374,7 +387,7 @@ async def _connect(ep: Endpoint, sock_type: int) -> trio.socket.SocketType:
 
 
 async def dial_stream(url: str) -> trio.abc.Stream:
-    """A connected byte stream (unix, tcp, vsock, fd)."""
+    """A connected byte stream (unix, tcp, vsock, hvsock, fd)."""
     ep = parse_url(url)
     if ep.scheme == "fd":
         return _stream_from_fd(ep.fd)

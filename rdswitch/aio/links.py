@@ -16,6 +16,7 @@ import stat
 import trio
 
 from rdswitch.config import ConfigError
+from rdswitch.urls import hvsock_port, normalize_guid
 from rdswitch.framing import (
     MAX_FRAME,
     STREAM_FRAMINGS,
@@ -68,7 +69,27 @@ def _describe(sock: _stdsocket.socket, fallback: str) -> str:
         return f"tcp://{name[0]}:{name[1]}"
     if sock.family == getattr(_stdsocket, "AF_VSOCK", -1):
         return f"vsock://{name[0]}:{name[1]}"
+    if sock.family == getattr(_stdsocket, "AF_HYPERV", -1):
+        return describe_hvsock_peer(name, fallback)
     return fallback
+
+
+def describe_hvsock_peer(name: object, fallback: str) -> str:
+    """An AF_HYPERV peer address (Python's ``(vm_id, service_id)`` strings) as ``hvsock://VMID:PORT``.
+
+    A service id outside the vsock template shows as port 0: the VM id is
+    what names the peer (:func:`rdswitch.urls.peer_identity`).
+    """
+    try:
+        vm_id, service_id = name  # type: ignore[misc]
+        vm = normalize_guid(vm_id)
+    except (TypeError, ValueError):
+        return fallback
+    try:
+        port: object = hvsock_port(service_id)
+    except ValueError:
+        port = 0
+    return f"hvsock://{vm}:{port}"
 
 
 # --------------------------------------------------------------------------

@@ -3,16 +3,27 @@
     python -m rdswitch.host --listen unix:///run/rdswitch.sock [--subnet 192.168.127.0/24] ...
 
 Each VM connection accepted on a ``--listen`` URL is one session (one switch
-port).  Everything a session owns ends with it.
+port).  Everything a session owns ends with it.  With ``--handshake`` (or
+Windows' default, the running compute systems) only the VM that passed the
+handshake may open a session (:class:`PeerGate`).  Without flags the
+platform's defaults apply (:mod:`rdswitch.host.defaults`).
+
+Nothing Linux-only is imported on this path (no pyroute2, fcntl, resource at
+import time, /proc, namespaces): ``tests/unit/test_windows_import.py`` imports
+it as Windows would.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
+import os
 import signal
+import socket
 import sys
 
+import attrs
 import trio
 
 from ..aio import connect
@@ -20,8 +31,9 @@ from ..config import ConfigError, NetConfig, normalize_argv
 from ..aio import trace
 from ..aio.tasks import accept_loop
 from ..framing import validate_framing
-from ..handshake import HandshakeError, keep_finding_vm, signal_ready
-from . import dns_server
+from ..handshake import Candidates, Dial, HandshakeError, keep_finding_vm, refusal, signal_ready
+from . import defaults, dns_server
+from .compute_systems import RegistryCandidates, RegistryComputeSystems
 from ..services.forwarder import parse_port_forward_flag
 from ..stack.nat import NatPolicy
 from . import switch_host
@@ -30,18 +42,22 @@ from .forwarder import ForwardError, Forwarder
 from .nat import add_nat_arguments
 from .switch_host import HostSwitch
 from ..logs import setup_logging
+from ..urls import parse_url
 
 log = logging.getLogger("rdswitch.host")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m rdswitch.host", description="rdswitch host-switch")
+    p = argparse.ArgumentParser(prog="python -m rdswitch.host", description="rdswitch host-switch",
+                                epilog=defaults.HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--listen", action="append", default=[], metavar="URL",
                    help="accept VM connections here (repeatable): unix:///path, tcp://127.0.0.1:PORT, vsock://:PORT, "
-                        "fd://N (a listening socket inherited from the parent, systemd-style)")
+                        "hvsock://:PORT (Windows), fd://N (a listening socket inherited from the parent, "
+                        "systemd-style); default: see below")
     p.add_argument("--handshake", action="append", default=[], metavar="URL",
                    help="find the VM by the vsock handshake at these URLs (port 6669 of each candidate), then tell "
-                        "it READY so it dials a --listen URL; e.g. vsock://3:6669 or unix:///run/rd-handshake.sock")
+                        "it READY so it dials a --listen URL; e.g. vsock://3:6669, hvsock://VMID:6669 or "
+                        "unix:///run/rd-handshake.sock; default on Windows: every running compute system")
     p.add_argument("--framing", default="stdio", help="stdio (16-bit LE length, default), qemu (QEMU -netdev stream/socket), bess, vfkit or dgram (unix datagrams; QEMU -netdev dgram)")
     p.add_argument("--subnet", default="192.168.127.0/24", help="virtual subnet; gateway .1, VM .2, host alias .254")
     p.add_argument("--mtu", default="1500", help="MTU announced by DHCP (576..65521)")
@@ -68,14 +84,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     try:
         args.net = NetConfig(subnet=args.subnet, gateway_mac=args.gateway_mac, vm_mac=args.vm_mac, mtu=args.mtu)
         args.framing = validate_framing(args.framing)
+        for url in args.handshake:  # dialable here: a CID / VM id, and the socket family exists
+            ep = parse_url(url)
+            if ep.scheme in ("vsock", "hvsock"):
+                _ = ep.family  # ConfigError where this OS/Python has no such sockets
+                ep.sockaddr()
+        plan = defaults.plan(args.listen, args.handshake, windows=sys.platform == "win32",
+                             vsock_works=not args.listen and not args.handshake and vsock_works(),
+                             runtime_dir=os.environ.get("XDG_RUNTIME_DIR"))
+        args.listen = plan.listen
+        args.handshake_used = plan.handshake_used
+        args.candidates = RegistryCandidates(RegistryComputeSystems()) if plan.registry else plan.handshake
         for url in args.listen:  # a live socket or a non-socket at a unix path, a bad fd://N
             connect.check_listen(url, args.framing)
         args.nat_policy = NatPolicy.from_args(args, args.net)
         args.forwards = [parse_port_forward_flag(f, args.net.subnet) for f in args.port_forward]
         for url in args.api_listen:
             connect.check_listen(url)
-        if not args.listen:
-            raise ConfigError("nothing to serve: give at least one --listen URL")
         args.dns = dns_server.from_args(args, args.net)  # every --dns-* flag, checked before trio runs
     except ConfigError as exc:  # one line (argparse's p.error would print the whole usage first)
         print(f"{p.prog}: error: {exc}", file=sys.stderr)
@@ -83,22 +108,69 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-async def serve_listener(hs: HostSwitch, listener, url: str) -> None:
+def vsock_works() -> bool:
+    """Whether this machine can make an AF_VSOCK socket (Linux with the vsock modules)."""
+    family = getattr(socket, "AF_VSOCK", None)
+    if family is None:
+        return False
+    try:
+        socket.socket(family, socket.SOCK_STREAM).close()
+    except OSError:
+        return False
+    return True
+
+
+@attrs.define
+class PeerGate:
+    """Who may open a data session: everyone without a handshake; with one, only the VM that passed it."""
+
+    handshake_used: bool = False
+    #: the candidate URL that answered the handshake last (None: none yet)
+    found: str | None = None
+
+    def refusal(self, peer: str) -> str | None:
+        return refusal(self.handshake_used, self.found, peer)
+
+
+async def admit_session(hs: HostSwitch, gate: PeerGate, link) -> None:
+    """Run the session of an accepted connection, or refuse it: closed, one log line, counted."""
+    peer = getattr(link, "peer", "?")
+    why = gate.refusal(peer)
+    if why is None:
+        await hs.run_session(link)
+        return
+    hs.counters.drop("session-refused-peer")
+    log.warning("refused a data connection from %s: %s", peer, why)
+    with trio.CancelScope(shield=True):
+        with trio.move_on_after(1):
+            await link.aclose()
+
+
+async def serve_listener(hs: HostSwitch, listener, url: str, gate: PeerGate | None = None) -> None:
+    gate = gate if gate is not None else PeerGate()
+
+    async def handler(link) -> None:
+        await admit_session(hs, gate, link)
+
     async with listener, trio.open_nursery() as nursery:
-        await accept_loop(listener, hs.run_session, nursery, f"listener {url}", log)
+        await accept_loop(listener, handler, nursery, f"listener {url}", log)
 
 
-async def handshake(hs: HostSwitch, candidates: list[str], *, retry: float = 1.0) -> None:
+async def handshake(hs: HostSwitch, candidates: Candidates, *, retry: float = 1.0, gate: PeerGate | None = None,
+                    dial: Dial = connect.dial_stream) -> None:
     """Find the VM, tell it READY; look again whenever its session has ended (a restarted vm-switch).
 
     Never gives up for good: while no VM answers, keep_finding_vm logs once per
     give-up period and backs off; a failed READY is retried after ``retry`` seconds.
+    The VM found is admitted by ``gate`` before READY (the VM dials right after it).
     """
     while True:
-        url = await keep_finding_vm(candidates)
+        url = await keep_finding_vm(candidates, dial=dial)
+        if gate is not None:
+            gate.found = url
         log.info("found the VM at %s; signalling READY", url)
         try:
-            await signal_ready(url)
+            await signal_ready(url, dial=dial)
         except (HandshakeError, OSError) as exc:
             log.error("handshake failed: %s; looking again in %gs", exc, retry)
             await trio.sleep(retry)
@@ -134,12 +206,13 @@ async def amain(args: argparse.Namespace) -> int:
                 log.error("--port-forward %s: %s", fwd.local, exc)
                 nursery.cancel_scope.cancel()
                 return 2
+        gate = PeerGate(handshake_used=args.handshake_used)
         for url in args.listen:
             listener = await connect.listen(url, args.framing)
             log.info("listening on %s (framing %s)", url, args.framing)
-            nursery.start_soon(serve_listener, hs, listener, url)
-        if args.handshake:
-            nursery.start_soon(handshake, hs, args.handshake)
+            nursery.start_soon(serve_listener, hs, listener, url, gate)
+        if args.handshake_used:
+            nursery.start_soon(functools.partial(handshake, hs, args.candidates, gate=gate))
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for sig in signals:
                 log.info("got %s, shutting down", signal.Signals(sig).name)

@@ -47,6 +47,9 @@ def _take_stdout() -> int:
     fd = os.dup(1)
     os.set_inheritable(fd, False)
     os.dup2(2, 1)
+    if sys.platform == "win32":  # a CRT descriptor in text mode would turn every \n of the pcap into \r\n
+        import msvcrt
+        msvcrt.setmode(fd, os.O_BINARY)
     return fd
 
 
@@ -64,7 +67,9 @@ class Capture:
         if path == "-":
             self._fd = _take_stdout()
         else:
-            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            # O_BINARY: Windows (text mode would mangle the pcap); O_CLOEXEC: POSIX (Windows: not inheritable anyway)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+            self._fd = os.open(path, flags, 0o644)
         mode = os.fstat(self._fd).st_mode
         self._nonblocking = stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
         if self._nonblocking:

@@ -105,3 +105,70 @@ def wait_log(log, needle: str, proc: subprocess.Popen, timeout: float = 15.0) ->
         return log.exists() and needle in log.read_text()
 
     wait_for(logged, timeout, what=f"{needle!r} in the log")
+
+
+# ---------------------------------------------------------------- defaults without flags (rdswitch.host.defaults)
+
+NO_VSOCK = [sys.executable, "-c", "import sys, rdswitch.host.__main__ as m; m.vsock_works = lambda: False; "
+                                  "sys.exit(m.main(sys.argv[1:]))"]
+
+
+def test_no_flags_without_vsock_or_runtime_dir_is_refused(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"}
+    res = subprocess.run(NO_VSOCK, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
+                         cwd=REPO, env=env)
+    assert_refused(res, "nothing to serve")
+
+
+def test_no_flags_listens_in_the_runtime_dir_without_vsock(tmp_path):
+    log = tmp_path / "hs.log"
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(tmp_path)}
+    proc = subprocess.Popen(NO_VSOCK + ["--logfile", str(log)], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO, text=True, env=env)
+    try:
+        wait_log(log, f"listening on unix://{tmp_path}/rdswitch-host.sock", proc)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as vm:
+            vm.connect(str(tmp_path / "rdswitch-host.sock"))  # no handshake: any peer gets a session
+            wait_log(log, "session started", proc)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0 and "Traceback" not in err, err
+
+
+def test_handshake_flags_that_leave_nothing_to_serve(tmp_path):
+    assert_refused(run(["--handshake", f"unix://{tmp_path}/hs.sock"]), "needs a --listen URL")
+    assert_refused(run(["--handshake", "hvsock://wsl:6669"]), "is not a GUID")
+    assert_refused(run(["--handshake", "vsock://3"]), "expected vsock://CID:PORT")
+    assert_refused(run(["--handshake", "vsock://:6669"]), "no CID")
+    if not hasattr(socket, "AF_HYPERV"):  # not Windows: one line, not a traceback from inside trio
+        assert_refused(run(["--handshake", "hvsock://a1b2c3d4-e5f6-4789-8abc-def012345678:6669"]), "AF_HYPERV")
+        assert_refused(run(["--listen", "hvsock://:6656"]), "AF_HYPERV")
+
+
+def test_help_documents_the_defaults():
+    res = run(["--help"])
+    assert res.returncode == 0
+    assert "Windows" in res.stdout and "HostComputeService" in res.stdout and "vsock://:6656" in res.stdout
+
+
+def test_with_a_handshake_nobody_else_gets_a_session(tmp_path):
+    """The gate is wired in: before any VM answered the (vsock) handshake, a peer on the data URL is refused."""
+    path = str(tmp_path / "host.sock")
+    log = tmp_path / "hs.log"
+    proc = subprocess.Popen(BASE + ["--handshake", "vsock://3:6669", "--listen", f"unix://{path}", "--logfile", str(log)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO,
+                            text=True)
+    try:
+        wait_log(log, f"listening on unix://{path}", proc)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as intruder:
+            intruder.connect(path)
+            wait_log(log, "refused a data connection", proc)
+            intruder.settimeout(10)
+            assert intruder.recv(1) == b""  # closed by the host
+        assert "no VM has passed the handshake yet" in log.read_text()
+        assert "session started" not in log.read_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0 and "Traceback" not in err, err
