@@ -113,6 +113,7 @@ print(json.dumps({
     "candidates": args.candidates(),
     "family": parse_url(args.listen[0]).family,
     "help_mentions_windows": "HostComputeService" in help_text,
+    "dns_source": type(args.dns.upstreams.source).__name__,
     "host_modules": sorted(m for m in sys.modules if m.startswith("rdswitch.")),
 }))
 '''
@@ -129,9 +130,11 @@ def test_host_switch_imports_and_parses_flags_as_on_windows():
                                  "hvsock://0f9a3c4e-1b2d-4e5f-8a9b-0c1d2e3f4a5b:6669"]
     assert out["family"] == 34
     assert out["help_mentions_windows"]
+    assert out["dns_source"] == "WindowsSystem"  # DNS from the system's adapters, not a resolv.conf
     # the whole host path came in: the switch, the NAT, the API, DNS, the handshake, the registry reader
     for module in ("rdswitch.host.switch_host", "rdswitch.host.nat", "rdswitch.host.api", "rdswitch.host.dns_server",
-                   "rdswitch.handshake", "rdswitch.host.compute_systems", "rdswitch.aio.connect"):
+                   "rdswitch.handshake", "rdswitch.host.compute_systems", "rdswitch.aio.connect",
+                   "rdswitch.host.win_dns"):
         assert module in out["host_modules"], out["host_modules"]
     # nothing on the path even tried a Linux-only module (a guarded try/except import would show here too)
     assert out["refused"] == [], out["refused"]
