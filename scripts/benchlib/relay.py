@@ -44,11 +44,14 @@ def open_tap(name: str) -> int:
 def open_socket(path: str, role: str, deadline: float) -> socket.socket:
     if role == "listen":
         ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        if os.path.exists(path):
+            os.unlink(path)  # left by an earlier round
         ls.bind(path)
         ls.listen(1)
         ls.settimeout(max(0.1, deadline - time.monotonic()))
         sock, _ = ls.accept()
         ls.close()
+        os.unlink(path)
     else:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         for _ in range(200):  # bounded: 200 x 50 ms
