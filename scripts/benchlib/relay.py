@@ -21,6 +21,7 @@ Listening, it prints TAP once its tap exists; both sides print READY once the
 socket is connected. Exits when the socket closes or MAX_SECONDS pass.
 """
 
+import errno
 import fcntl
 import os
 import select
@@ -91,6 +92,9 @@ def frames_in(buf: bytearray, tap: int) -> None:
             os.write(tap, memoryview(buf)[pos + 2:pos + 2 + n])
         except BlockingIOError:
             pass
+        except OSError as exc:  # EIO: the tap is not up yet (the other side's first frames); drop
+            if exc.errno not in (errno.EIO, errno.EINVAL):
+                raise
         pos += 2 + n
     del buf[:pos]
 
