@@ -123,10 +123,25 @@ class DhcpServer:
 
     def leases(self, now: float | None = None) -> dict[str, str]:
         """``{"ip": "mac"}``: static leases plus unexpired bound pool leases, sorted by IP."""
+        return {str(ip): format_mac(mac) for ip, mac in sorted(self.lease_table(now).items())}
+
+    def lease_table(self, now: float | None = None) -> dict[IPv4Address, bytes]:
+        """``{ip: mac}`` of :meth:`leases`, unformatted."""
         now = self._now if now is None else now
-        items = [(ip, mac) for mac, ip in self._static.items()]
-        items += [(b.ip, mac) for mac, b in self._bindings.items() if b.bound and b.expires > now]
-        return {str(ip): format_mac(mac) for ip, mac in sorted(items)}
+        out = {ip: mac for mac, ip in self._static.items()}
+        out.update((b.ip, mac) for mac, b in self._bindings.items() if b.bound and b.expires > now)
+        return out
+
+    def holder(self, ip: bytes) -> bytes | None:
+        """The MAC whose lease (static, or bound and unexpired) ``ip`` is, if any (``ip``: 4 raw bytes)."""
+        addr = IPv4Address(ip)
+        if addr in self._static_ips:
+            return next(mac for mac, sip in self._static.items() if sip == addr)
+        mac = self._owner.get(addr)
+        if mac is None:
+            return None
+        b = self._bindings.get(mac)
+        return mac if b is not None and b.bound and b.expires > self._now else None
 
     def search_domains(self) -> list[str]:
         """The search domains announced in option 119 (the encodable ones)."""

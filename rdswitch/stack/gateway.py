@@ -111,7 +111,8 @@ class Gateway:
     def _input_arp(self, data: memoryview) -> list[bytes]:
         pkt = arp.parse(data)
         if pkt.sender_ip != b"\0\0\0\0" and pkt.sender_ip in self._subnet:
-            self.neighbors[pkt.sender_ip] = pkt.sender_mac
+            if not self._learn(pkt.sender_ip, pkt.sender_mac):
+                return []
         if pkt.op == arp.REQUEST and pkt.target_ip in self.ips:
             self.counters.values["arp_replies"] += 1
             reply = arp.reply_to(pkt, self.mac)
@@ -130,23 +131,23 @@ class Gateway:
         proto = pkt.proto
         if proto == ipv4.PROTO_TCP:
             seg = tcp.parse(pkt.payload)
-            if seg.flags & tcp.SYN and pkt.src in self._subnet:
-                self.neighbors[pkt.src] = src_mac
+            if seg.flags & tcp.SYN and pkt.src in self._subnet and not self._learn(pkt.src, src_mac):
+                return [], None
             return [], TcpIn(src_mac, pkt.src, pkt.dst, seg)
         if proto == ipv4.PROTO_UDP:
             sport, dport, payload = udp.parse(pkt.payload)
             if dport == DHCP_SERVER_PORT and (pkt.dst == BROADCAST_IP or pkt.dst == self.ip):
                 return self._input_dhcp(payload, now), None
-            if pkt.src in self._subnet:
-                self.neighbors[pkt.src] = src_mac
+            if pkt.src in self._subnet and not self._learn(pkt.src, src_mac):
+                return [], None
             return [], UdpIn(src_mac, pkt.src, sport, pkt.dst, dport, payload, data)
         if proto == ipv4.PROTO_ICMP:
             msg = icmp.parse(pkt.payload)
             if msg.type != icmp.ECHO_REQUEST:
                 self.counters.drop(f"icmp-type-{msg.type}")
                 return [], None
-            if pkt.src in self._subnet:
-                self.neighbors[pkt.src] = src_mac
+            if pkt.src in self._subnet and not self._learn(pkt.src, src_mac):
+                return [], None
             if pkt.dst == self.ip:
                 self.counters.values["icmp_echo_replies"] += 1
                 # fragmented to the MTU: a reassembled request can be bigger than one frame
@@ -154,6 +155,22 @@ class Gateway:
             return [], IcmpEchoIn(src_mac, pkt.src, pkt.dst, msg, data)
         self.counters.drop(f"ip-proto-{proto}")
         return [], None
+
+    def _learn(self, ip: bytes, mac: bytes) -> bool:
+        """Note that ``ip`` lives at ``mac``; False (counted) when ``ip`` is another MAC's DHCP lease.
+
+        That frame is a spoof: learning it would send the other VM's forwarded
+        connections and replies to the sender, so it is dropped instead.  An
+        address without a lease is learnt from whoever uses it, as before.
+        """
+        if self.neighbors.get(ip) == mac:
+            return True
+        holder = self.dhcp.holder(ip) if self.dhcp is not None else None
+        if holder is not None and holder != mac:
+            self.counters.drop("ip-spoofed")
+            return False
+        self.neighbors[ip] = mac
+        return True
 
     def _input_dhcp(self, payload: memoryview, now: float) -> list[bytes]:
         if self.dhcp is None:

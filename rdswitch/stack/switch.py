@@ -3,6 +3,12 @@
 Ports are opaque hashable ids (the host process uses its session objects and
 one id for the gateway).  ``route`` learns the source MAC and returns the
 ports a frame goes out of; it never returns the ingress port.
+
+Port security: a MAC lives on one port until that port is removed.  A frame
+from another port that claims it (a pinned MAC such as the gateway's, or a
+MAC another VM's session holds) goes nowhere and is counted in ``spoofed``,
+so no VM can take over another VM's address or its traffic by sending one
+frame from its MAC.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ class Switch:
         self._macs_per_port: dict[Hashable, int] = {}
         self.max_macs_per_port = max_macs_per_port
         self.refused_learning = 0  # frames whose source MAC was not learnt (pinned elsewhere, or port full)
+        self.spoofed = 0  # frames dropped: their source MAC lives on another port
 
     @property
     def ports(self) -> tuple[Hashable, ...]:
@@ -39,25 +46,27 @@ class Switch:
         self._pinned[mac] = port
         self._mac_table[mac] = port
 
-    def learn(self, mac: bytes, port: Hashable) -> None:
-        """Learn ``mac`` on ``port`` unless it is multicast, pinned elsewhere, or the port has too many."""
+    def learn(self, mac: bytes, port: Hashable) -> bool:
+        """Learn ``mac`` on ``port`` unless it is multicast or the port has too many.
+
+        False when ``mac`` lives on another port (pinned there, or learnt
+        there and that port is still up): the frame claiming it is a spoof.
+        """
         if mac[0] & 1:
-            return
+            return True
         old = self._mac_table.get(mac)
         if old is port:
-            return
-        pinned = self._pinned.get(mac)
-        if pinned is not None and pinned is not port:
+            return True
+        if old is not None:  # pinned elsewhere, or another port's: removed ports forget their MACs
             self.refused_learning += 1
-            return
+            return False
         count = self._macs_per_port.get(port, 0)
         if count >= self.max_macs_per_port:
             self.refused_learning += 1
-            return
-        if old is not None:
-            self._macs_per_port[old] -= 1
+            return True
         self._macs_per_port[port] = count + 1
         self._mac_table[mac] = port
+        return True
 
     def lookup(self, mac: bytes) -> Hashable | None:
         return self._mac_table.get(mac)
@@ -74,8 +83,9 @@ class Switch:
         reply to a VM that has gone must not reach the other VMs).
         """
         src = bytes(frame[6:12])
-        if self._mac_table.get(src) is not in_port:
-            self.learn(src, in_port)
+        if self._mac_table.get(src) is not in_port and not self.learn(src, in_port):
+            self.spoofed += 1
+            return ()
         dst = bytes(frame[0:6])
         if not dst[0] & 1:
             out = self._mac_table.get(dst)

@@ -20,10 +20,11 @@ every TCP/UDP packet for .254 at a port this test owns (a TCP echo server, a
 closed TCP port, a UDP echo socket), so nothing leaves the machine and nothing
 but the test's own sockets on 127.0.0.1 is ever touched.
 
-The clock is trio's MockClock (autojump): retransmission timers cost no wall
-time, so a neighbour whose MAC the attacker moved to its own port (MAC
-learning, as on any switch) gets its frames again once it re-announces itself
-with a gratuitous ARP, as a VM does.  FRAME_FUZZ_EXAMPLES scales the examples.
+The neighbour announces itself (a gratuitous ARP, as a VM does when it comes
+up) before the attacker starts: from then on its MAC is its own (the switch's
+port security), so frames the attacker sends from it are dropped and counted,
+never learnt.  The clock is trio's MockClock (autojump): retransmission
+timers cost no wall time.  FRAME_FUZZ_EXAMPLES scales the examples.
 """
 
 from __future__ import annotations
@@ -191,7 +192,7 @@ class Neighbour(VmPeer):
         while not conn.closed:
             t = conn.next_timeout()
             await trio.sleep_until(min(t, trio.current_time() + 0.5) if t is not None else trio.current_time() + 0.5)
-            self.announce()  # like a VM re-announcing itself; undoes a stolen MAC
+            self.announce()  # like a VM re-announcing itself
             now = trio.current_time()
             if t is not None and now >= t:
                 conn.handle_timeout(now)
@@ -453,6 +454,10 @@ async def scenario(frames: list[bytes], ports: HostPorts, errors: ErrorLog) -> N
             while len(hs.sessions) < 2:
                 await hs.sessions_changed.wait()
             sessions = set(hs.sessions)
+            neighbour.announce()
+            while not isinstance(hs.switch.lookup(NEIGH_MAC), switch_host.Session):
+                await trio.sleep(0)  # ok-sleep: a checkpoint, until the session has read the announcement
+            n_session = hs.switch.lookup(NEIGH_MAC)
 
             got = []
 
@@ -467,6 +472,7 @@ async def scenario(frames: list[bytes], ports: HostPorts, errors: ErrorLog) -> N
                     assert set(hs.sessions) == sessions, "a session ended"
                     check_bounds(hs)
             assert hashlib.sha256(got[0]).hexdigest() == BLOB_SHA, (len(got[0]), len(BLOB))
+            assert hs.switch.lookup(NEIGH_MAC) is n_session and hs.gateway.neighbors[NEIGH_IP] == NEIGH_MAC
             await trio.sleep(1)  # ok-sleep: virtual time (MockClock) for the timers: dials, retransmissions, reassembly, UDP idle
             assert set(hs.sessions) == sessions and not ended, "a session ended"
             check_bounds(hs)

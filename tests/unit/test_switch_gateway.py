@@ -213,3 +213,44 @@ def test_udp_fast_path_equals_the_general_path(payload, sport, dport, ident):
                 ipv4.fragment(src, dst, ipv4.PROTO_UDP, udp.build(sport, dport, payload, src, dst), NET.mtu,
                               ident=ident + 1)]
     assert frames == expected
+
+
+def test_a_mac_stays_on_its_port_while_the_port_is_up():
+    sw = Switch()
+    for p in ("a", "b", "c"):
+        sw.add_port(p)
+    ma, mb = b"\x02" * 6, b"\x04" * 6
+    sw.route("a", eth(ethernet.BROADCAST, ma, b""))
+    sw.route("b", eth(ethernet.BROADCAST, mb, b""))
+    # b claims a's MAC: the frame goes nowhere, a keeps it, a's traffic still goes to a
+    assert list(sw.route("b", eth(ethernet.BROADCAST, ma, b""))) == []
+    assert list(sw.route("b", eth(mb, ma, b""))) == []
+    assert sw.lookup(ma) == "a" and sw.spoofed == 2
+    assert list(sw.route("c", eth(ma, b"\x06" * 6, b""))) == ["a"]
+    # once a's port is gone, its MAC may come up elsewhere (a restarted VM on a new session)
+    sw.remove_port("a")
+    assert sorted(sw.route("b", eth(ethernet.BROADCAST, ma, b""))) == ["c"]
+    assert sw.lookup(ma) == "b"
+
+
+def test_neighbours_are_not_learnt_against_a_lease():
+    from rdswitch.services.dhcp import DhcpServer
+
+    gw = Gateway(NET, DhcpServer(NET))
+    other_mac = b"\x02\x00\x00\x00\x00\x07"
+    # another MAC using the VM's static lease (.2): dropped, counted, not learnt
+    syn = tcp.build(tcp.Segment(40000, 80, 1, 0, tcp.SYN, 65535, b""), VM_IP, GW_IP)
+    replies, ev = gw.input(eth(NET.gateway_mac, other_mac, ipv4.build(VM_IP, GW_IP, 6, syn)), 0.0)
+    assert (replies, ev) == ([], None) and VM_IP not in gw.neighbors and gw.counters.drops["ip-spoofed"] == 1
+    dgram = udp.build(5000, 53, b"q", VM_IP, GW_IP)
+    assert gw.input(eth(NET.gateway_mac, other_mac, ipv4.build(VM_IP, GW_IP, 17, dgram)), 0.0) == ([], None)
+    garp = arp.build(arp.ArpPacket(arp.REQUEST, other_mac, VM_IP, b"\0" * 6, GW_IP))
+    assert gw.input(eth(ethernet.BROADCAST, other_mac, garp, ethernet.TYPE_ARP), 0.0) == ([], None)
+    assert VM_IP not in gw.neighbors and gw.counters.drops["ip-spoofed"] == 3
+    # the lease's own MAC is learnt; an address without a lease is learnt from whoever uses it
+    replies, ev = gw.input(eth(NET.gateway_mac, VM_MAC, ipv4.build(VM_IP, GW_IP, 6, syn)), 0.0)
+    assert isinstance(ev, TcpIn) and gw.neighbors[VM_IP] == VM_MAC
+    free = (NET.subnet.network_address + 77).packed
+    syn2 = tcp.build(tcp.Segment(40000, 80, 1, 0, tcp.SYN, 65535, b""), free, GW_IP)
+    assert isinstance(gw.input(eth(NET.gateway_mac, other_mac, ipv4.build(free, GW_IP, 6, syn2)), 0.0)[1], TcpIn)
+    assert gw.neighbors[free] == other_mac
