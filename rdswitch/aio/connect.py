@@ -8,6 +8,7 @@ live one is refused, and ours is removed when the listener closes.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import logging
@@ -30,7 +31,8 @@ from rdswitch.aio.links import (
     link_from_fd,
 )
 
-__all__ = ["StreamListener", "FrameListener", "check_listen", "listen", "listen_stream", "dial", "dial_stream"]
+__all__ = ["StreamListener", "FrameListener", "check_listen", "listen", "listen_stream", "listen_unix_within", "dial",
+           "dial_stream"]
 
 log = logging.getLogger("rdswitch.aio")
 
@@ -338,6 +340,73 @@ async def listen_stream(url: str, *, backlog: int = 128) -> StreamListener:
         return StreamListener(trio.socket.from_stdlib_socket(sock), ep, unlink_path=path)
     except BaseException:
         sock.close()
+        raise
+
+
+class _WithinListener(StreamListener):
+    """A unix listener made by :func:`listen_unix_within`: its file is removed through the directory's fd."""
+
+    def __init__(self, tsock, endpoint: Endpoint, dir_fd: int, name: str, ino: int) -> None:
+        super().__init__(tsock, endpoint)
+        self._dir_fd, self._name, self._ino = dir_fd, name, ino
+
+    async def aclose(self) -> None:
+        try:
+            await self._listener.aclose()
+        finally:
+            if self._dir_fd >= 0:
+                with contextlib.suppress(OSError):
+                    st = os.stat(self._name, dir_fd=self._dir_fd, follow_symlinks=False)
+                    if stat.S_ISSOCK(st.st_mode) and st.st_ino == self._ino:
+                        os.unlink(self._name, dir_fd=self._dir_fd)
+                os.close(self._dir_fd)
+                self._dir_fd = -1
+
+
+def listen_unix_within(top: str, parts: tuple[str, ...], *, backlog: int = 128) -> StreamListener:
+    """A unix stream listener at ``top/parts...`` that follows no symlink below ``top`` and replaces nothing.
+
+    Each directory below ``top`` is opened relative to the one above with
+    ``O_NOFOLLOW`` (a symlink on the way is refused, whatever it points at);
+    the socket is bound inside the last one through its fd, so nothing can be
+    swapped between the check and the bind; and ``bind`` itself creates the
+    file or fails with EADDRINUSE when anything (a file, a socket, a dangling
+    symlink) already has the name: there is no check-then-create window.
+    Mode 0600, set on the new file through an ``O_PATH`` fd (not by name).
+    Raises OSError (``EADDRINUSE``: the name exists; ``ELOOP``/``ENOTDIR``: a
+    symlink or a non-directory on the way).  Linux only (``/proc/self/fd``).
+    """
+    if not parts or any(p in ("", ".", "..") or "/" in p or "\0" in p for p in parts):
+        raise OSError(errno.EINVAL, "not a plain relative path")
+    dfd = os.open(top, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for name in parts[:-1]:
+            nfd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+            os.close(dfd)
+            dfd = nfd
+            if not stat.S_ISDIR(os.fstat(dfd).st_mode):  # O_PATH|O_NOFOLLOW opens a symlink itself
+                raise OSError(errno.ELOOP, f"{name} is a symlink")
+        name = parts[-1]
+        sock = _stdsocket.socket(_stdsocket.AF_UNIX, _stdsocket.SOCK_STREAM)
+        try:
+            sock.bind(f"/proc/self/fd/{dfd}/{name}")
+            pfd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+            try:
+                st = os.fstat(pfd)
+                if not stat.S_ISSOCK(st.st_mode):
+                    raise OSError(errno.EEXIST, f"{name} was replaced while it was made")
+                os.chmod(f"/proc/self/fd/{pfd}", 0o600)  # before listen(): nobody can connect yet
+            finally:
+                os.close(pfd)
+            sock.listen(backlog)
+            ep = parse_url("unix://" + os.path.join(top, *parts))
+            return _WithinListener(trio.socket.from_stdlib_socket(sock), ep, dfd, name, st.st_ino)
+        except BaseException:
+            sock.close()
+            raise
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.close(dfd)
         raise
 
 

@@ -47,11 +47,13 @@ TIME_WAIT = "TIME_WAIT"
 
 @attrs.frozen
 class SocketInfo:
-    """What servers (hypercorn) expect of ``stream.socket``: addresses."""
+    """What servers (hypercorn) expect of ``stream.socket``: addresses; and the session the stream belongs to."""
 
     local: tuple[str, int]
     peer: tuple[str, int]
     family: int = socket.AF_INET
+    #: the id of the VM session whose frames carry this connection (who is really calling, whatever ``peer`` says)
+    session: int | None = None
 
     def getsockname(self) -> tuple[str, int]:
         return self.local

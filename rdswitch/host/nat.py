@@ -128,7 +128,8 @@ class NatShell:
     # ---- TCP ------------------------------------------------------------------------------------
     def _stream(self, flow: TcpFlow) -> VirtualTcpStream:
         vm_ip, vm_port, local_ip, local_port = flow.key
-        info = SocketInfo((socket.inet_ntoa(local_ip), local_port), (socket.inet_ntoa(vm_ip), vm_port))
+        info = SocketInfo((socket.inet_ntoa(local_ip), local_port), (socket.inet_ntoa(vm_ip), vm_port),
+                          session=flow.sid)
         stream = VirtualTcpStream(flow.conn, functools.partial(self.core.transmit, flow),
                                   on_closed=functools.partial(self.core.flow_closed, flow), socket_info=info)
         flow.handle = stream
