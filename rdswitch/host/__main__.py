@@ -37,7 +37,7 @@ from .compute_systems import RegistryCandidates, RegistryComputeSystems
 from ..services.forwarder import parse_port_forward_flag
 from ..stack.nat import NatPolicy
 from . import switch_host
-from .api import ApiServer, create_app
+from .api import ApiServer, add_vm_policy_arguments, create_app, session_ended, vm_policy_from_args
 from .forwarder import ForwardError, Forwarder
 from .nat import add_nat_arguments
 from .switch_host import HostSwitch
@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--capture", default=None, metavar="FILE", help="write every frame to this pcap file, live ('-': stdout, e.g. | wireshark -k -i -)")
     add_nat_arguments(p)
     dns_server.add_arguments(p)
+    add_vm_policy_arguments(p)
     return p
 
 
@@ -98,6 +99,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         for url in args.listen:  # a live socket or a non-socket at a unix path, a bad fd://N
             connect.check_listen(url, args.framing)
         args.nat_policy = NatPolicy.from_args(args, args.net)
+        args.vm_policy = vm_policy_from_args(args, args.net)
         args.forwards = [parse_port_forward_flag(f, args.net.subnet) for f in args.port_forward]
         for url in args.api_listen:
             connect.check_listen(url)
@@ -193,7 +195,8 @@ async def amain(args: argparse.Namespace) -> int:
             nursery.start_soon(hs.capture.run)  # writes the capture's tail while the network is idle
         forwarder = Forwarder(hs)
         await nursery.start(forwarder.run)
-        api = ApiServer(create_app(hs, forwarder, dns))
+        api = ApiServer(create_app(hs, forwarder, dns, policy=args.vm_policy, leases=hs.lease_holders))
+        hs.session_closed_hooks.append(functools.partial(session_ended, forwarder, dns, args.vm_policy))
         hs.nat.add_local_service(53, dns.serve_stream)  # DNS over TCP; UDP is answered by the NAT shell
         hs.nat.add_local_service(80, api.connection)
         for url in args.api_listen:

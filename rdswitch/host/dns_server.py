@@ -26,9 +26,10 @@ from rdswitch.services.dns import message
 from rdswitch.services.dns.authority import DEFAULT_TTL, DnsAuthority
 from rdswitch.services.dns.resolvconf import parse_server
 from rdswitch.services.dns.zones import (
-    add_record, builtin_zones, merge_zones, normalize_zone_name, parse_incumbent_zone, parse_record_flag,
-    parse_zone_config,
+    add_record, builtin_zones, merge_zones, normalize_record_name, normalize_zone_name, parse_incumbent_zone,
+    parse_record_flag, parse_zone_config,
 )
+from rdswitch.services.policy import HOST, Caller, DnsAdd, DnsState, PolicyRefused, Refusal
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,8 @@ class DnsService:
         self.tcp_max_inflight = tcp_max_inflight
         self._forward = forwarder
         self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
+        #: the records VMs added through the API: (zone, name) -> who (a record the host sets again is the host's)
+        self.vm_owners: dict[tuple[str, str], Caller] = {}
 
     # -- one message --------------------------------------------------------------
 
@@ -271,17 +274,60 @@ class DnsService:
         """Every local zone in gvisor-tap-vsock's ``types.Zone`` JSON shape (``GET /services/dns/all``)."""
         return [z.as_incumbent() for z in self.authority.zones]
 
-    def add_record(self, zone: str, name: str, ip: str) -> dict:
-        """Add/replace a record at run time; raises ConfigError (clear message) for bad input."""
-        return self.authority.add_record(zone, name, ip).to_dict()
+    def add_record(self, zone: str, name: str, ip: str, owner: Caller = HOST,
+                   admit: Callable[[DnsAdd], Refusal | None] | None = None) -> dict:
+        """Add/replace a record at run time; raises ConfigError (clear message) for bad input.
 
-    def add_zone(self, body: Any) -> None:
+        ``admit`` (a VM's request) may refuse it (PolicyRefused) before anything changes.
+        """
+        zname, rel = normalize_zone_name(zone), normalize_record_name(name)
+        self._admit(admit, DnsAdd(zname, (rel,)))
+        out = self.authority.add_record(zname, rel, ip).to_dict()
+        self._own(zname, (rel,), owner)
+        return out
+
+    def add_zone(self, body: Any, owner: Caller = HOST, admit: Callable[[DnsAdd], Refusal | None] | None = None) -> None:
         """gvisor-tap-vsock's ``AddDNS`` body: add or extend a zone (records, regexp records, default IP).
 
         Its records take precedence over the zone's; a DefaultIP replaces the
-        zone's.  Nothing changes unless all of it is valid (ConfigError).
+        zone's.  Nothing changes unless all of it is valid (ConfigError) and
+        ``admit`` lets it through.
         """
-        self.authority.zones[:] = merge_zones(self.authority.zones, [parse_incumbent_zone(body)])
+        zone = parse_incumbent_zone(body)
+        self._admit(admit, DnsAdd(zone.name, tuple(zone.records), len(zone.regexp_records), zone.default_ip is not None))
+        self.authority.zones[:] = merge_zones(self.authority.zones, [zone])
+        self.authority.rebuild()
+        self._own(zone.name, tuple(zone.records), owner)
+
+    @staticmethod
+    def _admit(admit, req: DnsAdd) -> None:
+        refusal = admit(req) if admit is not None else None
+        if refusal is not None:
+            raise PolicyRefused(refusal)
+
+    def _own(self, zone: str, names, owner: Caller) -> None:
+        for name in names:
+            if owner.is_host:
+                self.vm_owners.pop((zone, name), None)
+            else:
+                self.vm_owners[(zone, name)] = owner
+
+    def vm_state(self) -> DnsState:
+        """The zones and the owner of every record, for the VM policy."""
+        owners = {(z.name, rel): "host" for z in self.authority.zones for rel in z.records}
+        owners.update((key, c.owner) for key, c in self.vm_owners.items() if key in owners)
+        return DnsState(frozenset(z.name for z in self.authority.zones), owners)
+
+    def session_ended(self, session: int, keep: bool) -> None:
+        """A VM's session is over: the records it added go (logged), or stay when ``keep``."""
+        gone = [key for key, c in self.vm_owners.items() if c.session == session]
+        if not gone or keep:
+            return
+        zones = {z.name: z for z in self.authority.zones}
+        for zone, name in gone:
+            caller = self.vm_owners.pop((zone, name))
+            if zone in zones and zones[zone].records.pop(name, None) is not None:
+                log.info("removed DNS record %s of %s: its session ended", zones[zone].fqdn(name), caller.owner)
         self.authority.rebuild()
 
 

@@ -6,6 +6,13 @@ to (its task runs in that session's nursery), so it ends with the session, and
 also when the forward is removed.  A UDP forward gives each host client a
 gateway port in the VM's session that accepts replies only from the forward's
 own remote address.
+
+Every forward records who made it (:class:`~rdswitch.services.policy.Caller`:
+the host, or a VM's IP and session).  A VM's requests are admitted by the VM
+policy (``services/policy.py``) before anything is bound and once more right
+before the forward is committed, with no await in between, so a limit holds
+however many requests race; a VM's unix socket is made by
+``connect.listen_unix_within`` (no symlink followed, nothing replaced).
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import errno
 import functools
 import logging
 import socket
+from typing import Callable
 
 import attrs
 import trio
@@ -23,6 +31,7 @@ from ..aio.tasks import accept_loop, pipe
 from ..config import ConfigError
 from ..logs import describe
 from ..services.forwarder import Forward
+from ..services.policy import HOST, Caller, PolicyRefused, Refusal, is_localhost
 from ..stack.flowtable import FlowTable
 
 log = logging.getLogger("rdswitch.forwarder")
@@ -43,6 +52,7 @@ class ForwardError(Exception):
 class _Active:
     forward: Forward
     scope: trio.CancelScope
+    owner: Caller = HOST
     conn_scopes: set = attrs.field(factory=set)
     closed: trio.Event = attrs.field(factory=trio.Event)  # its listeners are closed (and socket file removed)
 
@@ -61,7 +71,13 @@ class Forwarder:
             await trio.sleep_forever()
 
     def all(self) -> list[dict]:
-        return [a.forward.as_json() for a in sorted(self.active.values(), key=lambda a: (a.forward.local, a.forward.protocol))]
+        """The forwards as the API lists them: gvisor-tap-vsock's three fields, and who made each."""
+        return [{**a.forward.as_json(), "owner": a.owner.owner}
+                for a in sorted(self.active.values(), key=lambda a: (a.forward.local, a.forward.protocol))]
+
+    def owners(self) -> dict[tuple[str, str], str]:
+        """The key of every live forward -> its owner (``"host"`` or a VM's IP)."""
+        return {key: a.owner.owner for key, a in self.active.items()}
 
     def _existing(self, fwd: Forward) -> bool:
         """True if this very forward exists (a repeat is a no-op); ForwardError 409 if another holds its key."""
@@ -72,11 +88,18 @@ class Forwarder:
             return True
         raise ForwardError(f"{fwd.local}/{fwd.protocol} is already forwarded to {current.forward.remote}", 409)
 
-    async def expose(self, fwd: Forward) -> None:
+    async def expose(self, fwd: Forward, owner: Caller = HOST, *, admit: Callable[[], Refusal | None] | None = None,
+                     within: tuple[str, tuple[str, ...]] | None = None) -> None:
+        """Listen for ``fwd`` on behalf of ``owner``.
+
+        ``admit`` is asked right before the forward is committed (a refusal:
+        PolicyRefused, and what was bound is closed again); ``within`` is where
+        a VM's unix socket goes (the allowed directory, the components below it).
+        """
         if self._existing(fwd):
             return
         if fwd.protocol == "unix":
-            listeners = [await self._listen_unix(fwd)]
+            listeners = [await self._listen_unix(fwd, within)]
             socks = []
         else:
             socks = await self._bind(fwd)
@@ -84,19 +107,37 @@ class Forwarder:
                 if fwd.protocol == "tcp" else []
         try:
             again = self._existing(fwd)  # the same key may have been exposed while we resolved or bound
+            refusal = None if again or admit is None else admit()  # and the state may have changed meanwhile
         except ForwardError:
             await _discard(listeners, socks)
             raise
-        if again:
+        if again or refusal is not None:
             await _discard(listeners, socks)
+            if refusal is not None:
+                raise PolicyRefused(refusal)
             return
-        active = _Active(fwd, trio.CancelScope())
+        active = _Active(fwd, trio.CancelScope(), owner)
         self.active[fwd.key] = active
         self._nursery.start_soon(self._run, active, listeners, socks)
-        log.info("forwarding %s/%s -> %s", fwd.local, fwd.protocol, fwd.remote)
+        log.info("forwarding %s/%s -> %s for %s", fwd.local, fwd.protocol, fwd.remote, owner.owner)
 
-    async def _listen_unix(self, fwd: Forward):
-        """A socket file (mode 0600; a stale one replaced, a live one or a non-socket refused; removed at close)."""
+    async def _listen_unix(self, fwd: Forward, within: tuple[str, tuple[str, ...]] | None):
+        """A socket file (mode 0600; a stale one replaced, a live one or a non-socket refused; removed at close).
+
+        ``within`` (a VM's request): made below that directory without following
+        a symlink, and never over an existing name, stale sockets included.
+        """
+        if within is not None:
+            try:
+                return connect.listen_unix_within(*within)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise PolicyRefused(Refusal("vm-expose-unix-dir", f"{fwd.local}: a symlink or a non-directory "
+                                                                      f"is on the way below {within[0]}")) from None
+                if exc.errno in (errno.EADDRINUSE, errno.EEXIST):
+                    raise ForwardError(f"cannot listen on {fwd.local}: the name exists (a VM never replaces a "
+                                       "file or socket)", 409) from None
+                raise ForwardError(f"cannot listen on {fwd.local}: {exc.strerror or exc}", 400) from None
         try:
             return await connect.listen_stream("unix://" + fwd.local_host)
         except (ConfigError, OSError) as exc:
@@ -108,7 +149,7 @@ class Forwarder:
         host, port = fwd.local_host, fwd.local_port
         if host in ("", "::"):
             return [(socket.AF_INET6, ("::", port, 0, 0), True)]  # dual-stack (IPv4 too)
-        if host.lower().rstrip(".") == "localhost":  # both loopbacks, whatever /etc/hosts says
+        if is_localhost(host):  # both loopbacks, whatever /etc/hosts says
             return [(socket.AF_INET, ("127.0.0.1", port), True), (socket.AF_INET6, ("::1", port, 0, 0), False)]
         try:  # numeric hosts are answered at once; names by the host's resolver in a thread
             infos = await trio.socket.getaddrinfo(host, port, type=kind)
@@ -144,16 +185,36 @@ class Forwarder:
                                409 if exc.errno == errno.EADDRINUSE else 400) from None
         return socks
 
-    async def unexpose(self, key: tuple[str, str]) -> None:
-        active = self.active.pop(key, None)
+    async def unexpose(self, key: tuple[str, str], admit: Callable[[str], Refusal | None] | None = None) -> None:
+        """Remove a forward; ``admit(owner)`` may refuse it (PolicyRefused) for the caller."""
+        active = self.active.get(key)
         if active is None:
             raise ForwardError(f"{key[0]}/{key[1]} is not forwarded", 404)
-        active.scope.cancel()
-        for scope in list(active.conn_scopes):
-            scope.cancel()
+        refusal = admit(active.owner.owner) if admit is not None else None
+        if refusal is not None:
+            raise PolicyRefused(refusal)
+        self._remove(key)
         with trio.move_on_after(5):  # answer once the port is free and the socket file gone
             await active.closed.wait()
         log.info("stopped forwarding %s/%s", *key)
+
+    def _remove(self, key: tuple[str, str]) -> _Active:
+        active = self.active.pop(key)
+        active.scope.cancel()
+        for scope in list(active.conn_scopes):
+            scope.cancel()
+        return active
+
+    def session_ended(self, session: int, keep: bool) -> None:
+        """A VM's session is over: its forwards go (logged), or stay when ``keep`` (--vm-forwards-outlive-session)."""
+        for key, active in list(self.active.items()):
+            if active.owner.session != session:
+                continue
+            if keep:
+                log.info("keeping %s/%s of %s after its session ended", *key, active.owner.owner)
+            else:
+                self._remove(key)
+                log.info("removed %s/%s of %s: its session ended", *key, active.owner.owner)
 
     async def _run(self, active: _Active, listeners: list, socks: list[socket.socket]) -> None:
         """Serve the forward's listeners (TCP, unix) or sockets (UDP) until it is removed."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import Callable
 
 import trio
 
@@ -97,6 +98,8 @@ class HostSwitch:
         self.capture = egress.capture
         self.sessions: dict[int, Session] = {}
         self.sessions_changed = trio.Event()
+        #: called with a session's id when it has ended (its forwards and DNS records of the API go)
+        self.session_closed_hooks: list[Callable[[int], None]] = []
 
     # ---- the frame path ------------------------------------------------------------------
     def from_vm(self, session: Session, frames: list) -> None:
@@ -149,6 +152,18 @@ class HostSwitch:
             return None
         return session, mac
 
+    def lease_holders(self) -> dict[str, int | None]:
+        """Every DHCP lease -> the id of the live session whose switch port holds its MAC (None: none does).
+
+        The switch keeps a MAC on one port while that port is up, so this says
+        which VM an address really belongs to, whatever source IP a frame claims.
+        """
+        out: dict[str, int | None] = {}
+        for ip, mac in self.dhcp.lease_table().items():
+            port = self.switch.lookup(mac)
+            out[str(ip)] = port.id if isinstance(port, Session) and not port.closed else None
+        return out
+
     # ---- sessions ------------------------------------------------------------------------
     async def run_session(self, link) -> None:
         """Serve one VM connection until it ends; everything it owns ends with it."""
@@ -177,6 +192,11 @@ class HostSwitch:
                 self.switch.remove_port(session)
                 self.sessions.pop(session.id, None)
                 self.nat.session_closed(session)
+                for hook in self.session_closed_hooks:
+                    try:
+                        hook(session.id)
+                    except Exception:  # noqa: BLE001 - one hook's bug does not stop the teardown
+                        log.exception("%r: error in a session-closed hook", session)
                 self._changed()
                 if self.capture:
                     self.capture.flush()
@@ -203,6 +223,7 @@ class HostSwitch:
     def stats(self) -> dict:
         return {
             "gateway": self.counters.as_dict(),
+            "switch": {"spoofed_frames": self.switch.spoofed, "refused_learning": self.switch.refused_learning},
             "sessions": {str(s.id): {"peer": s.peer, **s.counters.as_dict()} for s in self.sessions.values()},
         }
 

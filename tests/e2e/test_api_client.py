@@ -85,10 +85,14 @@ def go_marshal(value) -> bytes:
 
 
 def expose_request(x) -> dict:
-    """Decode into types.ExposeRequest {Local, Remote, Protocol string}; every field present and a string."""
-    assert isinstance(x, dict) and set(x) == {"local", "remote", "protocol"}, x
+    """Decode into types.ExposeRequest {Local, Remote, Protocol string}: every field present and a string.
+
+    Like encoding/json (pkg/client decodes without DisallowUnknownFields), other keys are ignored: rdswitch
+    adds "owner" (who made the forward), a string too.
+    """
+    assert isinstance(x, dict) and {"local", "remote", "protocol"} <= set(x) <= {"local", "remote", "protocol", "owner"}, x
     assert all(isinstance(v, str) for v in x.values()), x
-    return x
+    return {k: x[k] for k in ("local", "remote", "protocol")}
 
 
 def go_ip(text) -> str:

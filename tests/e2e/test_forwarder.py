@@ -60,8 +60,8 @@ def test_expose_unexpose_tcp_and_udp(bed, vm_server, tmp_path):
     code, text = api(sock, "GET", "/services/forwarder/all")
     assert code == 200
     assert json.loads(text) == sorted([
-        {"local": f"127.0.0.1:{tport}", "remote": "192.168.127.2:8000", "protocol": "tcp"},
-        {"local": f"127.0.0.1:{uport}", "remote": "192.168.127.2:8000", "protocol": "udp"},
+        {"local": f"127.0.0.1:{tport}", "remote": "192.168.127.2:8000", "protocol": "tcp", "owner": "host"},
+        {"local": f"127.0.0.1:{uport}", "remote": "192.168.127.2:8000", "protocol": "udp", "owner": "host"},
     ], key=lambda d: (d["local"], d["protocol"]))
     # a big transfer through the forward, host -> VM
     with socket.create_connection(("127.0.0.1", tport), timeout=30) as s:
@@ -104,13 +104,17 @@ def test_api_inside_the_network_and_static_forward(bed, vm_server):
     assert tcp_ping(port, "static") == "PONG static"
     # the VM reaches the API on gateway:80; a remote without IP means the caller
     out = vm.run(["curl", "-sS", "--max-time", "5", "http://192.168.127.1/services/forwarder/all"]).stdout
-    assert json.loads(out) == [{"local": f"127.0.0.1:{port}", "remote": "192.168.127.2:8000", "protocol": "tcp"}]
+    assert json.loads(out) == [{"local": f"127.0.0.1:{port}", "remote": "192.168.127.2:8000", "protocol": "tcp",
+                                "owner": "host"}]
     port2 = free_port()
     out = vm.run(["curl", "-sS", "--max-time", "5", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST",
                   "--data-binary", json.dumps({"local": f"127.0.0.1:{port2}", "remote": ":8000"}),
                   "http://192.168.127.1/services/forwarder/expose"]).stdout
     assert out == "200"
     assert tcp_ping(port2, "caller") == "PONG caller"
+    out = vm.run(["curl", "-sS", "--max-time", "5", "http://192.168.127.1/services/forwarder/all"]).stdout
+    assert {x["local"]: x["owner"] for x in json.loads(out)} == {f"127.0.0.1:{port}": "host",
+                                                                 f"127.0.0.1:{port2}": "192.168.127.2"}
 
 
 def ctl(sock: str, *args: str) -> subprocess.CompletedProcess:
@@ -127,7 +131,7 @@ def test_ctl_client(bed, vm_server, tmp_path):
     assert res.returncode == 0, res.stderr
     assert tcp_ping(port, "ctl") == "PONG ctl"
     assert json.loads(ctl(sock, "list").stdout) == [
-        {"local": f"127.0.0.1:{port}", "protocol": "tcp", "remote": "192.168.127.2:8000"}]
+        {"local": f"127.0.0.1:{port}", "protocol": "tcp", "remote": "192.168.127.2:8000", "owner": "host"}]
     assert json.loads(ctl(sock, "leases").stdout) == {"192.168.127.2": "5a:94:ef:e4:0c:ee"}
     bad = ctl(sock, "expose", "127.0.0.1:1", "10.0.0.1:80")
     assert bad.returncode == 1 and "outside the virtual subnet" in bad.stderr
