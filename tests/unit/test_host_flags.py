@@ -45,6 +45,30 @@ def test_bad_dns_flags(tmp_path, flags, needle):
     assert_refused(run(["--listen", f"unix://{tmp_path}/hs.sock", *flags]), needle)
 
 
+@pytest.mark.parametrize("flags,needle", [
+    (["--vm-expose-address", "1.2.3"], "--vm-expose-address '1.2.3'"),
+    (["--vm-expose-address", "localhost"], "--vm-expose-address"),
+    (["--vm-expose-ports", "0-1024"], "--vm-expose-ports"),
+    (["--vm-expose-ports", "2000-1000"], "--vm-expose-ports"),
+    (["--vm-expose-ports", "http"], "--vm-expose-ports"),
+    (["--vm-expose-unix-dir", "relative/dir"], "--vm-expose-unix-dir"),
+    (["--vm-expose-unix-dir", "/"], "--vm-expose-unix-dir"),
+    (["--vm-expose-unix-dir", "/nonexistent/rdswitch-dir"], "not a directory"),
+    (["--vm-max-forwards", "-1"], "--vm-max-forwards"),
+    (["--vm-max-forwards", "many"], "--vm-max-forwards"),
+    (["--vm-max-dns-records", "x"], "--vm-max-dns-records"),
+])
+def test_bad_vm_policy_flags(tmp_path, flags, needle):
+    assert_refused(run(["--listen", f"unix://{tmp_path}/hs.sock", *flags]), needle)
+    assert not (tmp_path / "hs.sock").exists()  # refused before anything started
+
+
+def test_a_unix_dir_that_is_a_symlink_to_the_root_is_refused(tmp_path):
+    (tmp_path / "root").symlink_to("/")
+    assert_refused(run(["--listen", f"unix://{tmp_path}/hs.sock", "--vm-expose-unix-dir", str(tmp_path / "root")]),
+                   "root directory")
+
+
 def test_live_socket_and_non_socket_at_a_listen_path(tmp_path):
     live = tmp_path / "live.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
