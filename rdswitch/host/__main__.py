@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import ipaddress
 import logging
 import os
 import signal
@@ -185,6 +186,24 @@ async def handshake(hs: HostSwitch, candidates: Candidates, *, retry: float = 1.
         log.info("no VM session left; looking for the VM again")
 
 
+def protect(hs: HostSwitch, url: str) -> None:
+    """A TCP listener of host-switch's own is never a NAT destination for a VM (the host's API through the
+    .254 alias would give a VM every power the VM policy withholds)."""
+    ep = parse_url(url)
+    if ep.scheme != "tcp":
+        return
+    try:
+        ip = ipaddress.ip_address(ep.host)
+    except ValueError:  # a name: whatever it resolved to, the port on every address
+        hs.nat.core.protect(None, ep.port)
+        return
+    if ip.version == 6:
+        if not ip.is_unspecified and ip.ipv4_mapped is None:
+            return  # an IPv6-only listener: the NAT dials IPv4 only
+        ip = ip.ipv4_mapped or ipaddress.IPv4Address(0)  # [::] is dual-stack
+    hs.nat.core.protect(None if ip.is_unspecified else str(ip), ep.port)
+
+
 async def amain(args: argparse.Namespace) -> int:
     dns = args.dns
     hs = switch_host.build(args.net, args.nat_policy, dns=dns, capture=args.capture,
@@ -200,7 +219,9 @@ async def amain(args: argparse.Namespace) -> int:
         hs.nat.add_local_service(53, dns.serve_stream)  # DNS over TCP; UDP is answered by the NAT shell
         hs.nat.add_local_service(80, api.connection)
         for url in args.api_listen:
-            nursery.start_soon(api.serve, await connect.listen_stream(url))
+            listener = await connect.listen_stream(url)
+            protect(hs, listener.url)
+            nursery.start_soon(api.serve, listener)
             log.info("API on %s", url)
         for fwd in args.forwards:
             try:
@@ -212,6 +233,7 @@ async def amain(args: argparse.Namespace) -> int:
         gate = PeerGate(handshake_used=args.handshake_used)
         for url in args.listen:
             listener = await connect.listen(url, args.framing)
+            protect(hs, listener.url)
             log.info("listening on %s (framing %s)", url, args.framing)
             nursery.start_soon(serve_listener, hs, listener, url, gate)
         if args.handshake_used:

@@ -269,11 +269,19 @@ class NatCore:
         self.mss = net.mtu - 40
         self.sessions: dict[int, SessionState] = {}
         self.local_tcp_ports: set[int] = set()
+        #: TCP endpoints of the host-switch itself (the host's API, the VMs' data listeners): (ip, port), and
+        #: ("", port) for every address.  No VM flow reaches them: through the .254 alias a VM would otherwise
+        #: talk to the host's API (every power) or open more sessions of its own.
+        self.host_only: set[tuple[str, int]] = set()
         self._destinations: dict[bytes, tuple[str | None, str]] = {}
         self._next_ephemeral = EPHEMERAL_FIRST
         # TCP flows fed segments during the current batch of frames: the shell
         # transmits their answers once per batch (one ACK per flow, not per segment).
         self.dirty: set[TcpFlow] = set()
+
+    def protect(self, ip: str | None, port: int) -> None:
+        """Keep VMs away from the host-switch's own listener at ``ip:port`` (None: a wildcard or a name)."""
+        self.host_only.add((ip or "", port))
 
     def destination(self, dst: bytes) -> tuple[str | None, str]:
         """``NatPolicy.destination``, remembered: the policy never changes, and building
@@ -353,6 +361,8 @@ class NatCore:
         dst, reason = self.destination(ev.dst_ip)
         if dst is None:
             return self._refuse_syn(state, ev, reason)
+        if self.host_only and ((dst, seg.dst_port) in self.host_only or ("", seg.dst_port) in self.host_only):
+            return self._refuse_syn(state, ev, "host-only")
         if len(state.tcp) >= self.policy.max_tcp_flows:
             return self._refuse_syn(state, ev, "flow-limit")
         if state.pending_dials >= self.policy.max_pending_dials:

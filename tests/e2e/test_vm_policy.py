@@ -325,3 +325,20 @@ def test_dns_records_a_vm_adds_are_bounded(bed, tmp_path):
     names = {r["Name"] for z in host_api(sock, "GET", "/services/dns/all")[1] if z["Name"] == "docker.internal."
              for r in z["Records"]}
     assert names == {"gateway", "host"}
+
+
+def test_a_vm_cannot_reach_the_hosts_api_through_the_host_alias(bed):
+    """--api-listen tcp://127.0.0.1:P is the host's 127.0.0.1:P, which the VM reaches as 192.168.127.254:P."""
+    port = free_port()
+    hs = bed.host_switch("--api-listen", f"tcp://127.0.0.1:{port}")
+    vm = bed.vm(hs)
+    wide = free_port()
+    body = json.dumps(expose(f"0.0.0.0:{wide}", f"{VM_IP}:8000"))
+    res = vm.run(["curl", "-sS", "--max-time", "5", "-X", "POST", "--data-binary", body,
+                  f"http://192.168.127.254:{port}/services/forwarder/expose"], check=False)
+    assert res.returncode != 0 and listening(wide) == [], (res.returncode, res.stdout, res.stderr)
+    stats = json.loads(subprocess.run(["curl", "-sS", "--max-time", "5", f"http://127.0.0.1:{port}/stats"],
+                                      capture_output=True, text=True, timeout=20, check=True).stdout)
+    assert any(s["drops"].get("tcp-host-only") for s in stats["sessions"].values()), stats["sessions"]
+    # the same VM still has the gateway's API, and the host still has its own
+    assert vm_api(vm, "GET", "/services/forwarder/all") == (200, [])

@@ -1138,3 +1138,17 @@ def test_remembered_destinations_match_the_policy_and_stay_bounded(monkeypatch):
     for ip in samples * 2:  # the second pass answers from the cache
         assert rig.core.destination(ip) == rig.core.policy.destination(ip)
         assert len(rig.core._destinations) <= 64
+
+
+def test_host_switch_listeners_are_never_a_destination():
+    rig = Rig()
+    rig.core.protect("127.0.0.1", 9000)  # the host's API on tcp://127.0.0.1:9000
+    rig.core.protect(None, 6656)  # a data listener on every address
+    assert rig.syn(ALIAS, 40000, 9000, seq=7) == []  # .254 is the host's 127.0.0.1
+    assert_rst_for_syn(rig.take()[0], ALIAS, 40000, 9000, seq=7)
+    assert rig.syn(ALLOWED, 40001, 6656, seq=8) == []
+    assert_rst_for_syn(rig.take()[0], ALLOWED, 40001, 6656, seq=8)
+    assert rig.counters.drops == {"tcp-host-only": 2} and rig.state.tcp == {}
+    # other ports, and the protected port on another address, still dial
+    assert isinstance(rig.syn(ALIAS, 40002, 9001)[0], Dial)
+    assert isinstance(rig.syn(ALLOWED, 40003, 9000)[0], Dial)
