@@ -26,6 +26,17 @@ DATA_PORT = 6656
 SIGNATURE = b"github.com/rancher-sandbox/rancher-desktop-networking"
 READY = b"READY"
 
+# The veth pair network-setup makes between the VM's default namespace and the
+# namespace where containers run: Rancher Desktop's current names and addresses
+# (it moved off 192.168.1.0/24, which collided with home LANs).  The host end
+# is .2 of the veth subnet, the namespace end .1; wsl-proxy pipes to .1.
+VETH_HOST_NAME = "veth-rd-wsl"
+VETH_NS_NAME = "veth-rd-ns"
+VETH_SUBNET = "192.168.143.0/24"
+#: The first layout (veth-rd0 192.168.1.1 / veth-rd1 192.168.1.2), one flag set away.
+SEED_VETH = {"veth-host-name": "veth-rd0", "veth-ns-name": "veth-rd1",
+             "veth-host-address": "192.168.1.1/24", "veth-ns-address": "192.168.1.2/24"}
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid; str() is a message for the user."""
@@ -75,6 +86,19 @@ def parse_subnet(text: str) -> ipaddress.IPv4Network:
     if net.prefixlen > 24:
         raise ConfigError(f"invalid subnet {text!r}: needs room for .1, .2 and .254 (a /24 or larger)")
     return net
+
+
+def veth_addresses(subnet: str | ipaddress.IPv4Network) -> tuple[ipaddress.IPv4Interface, ipaddress.IPv4Interface]:
+    """The (host end, namespace end) addresses of a veth subnet: .2 and .1, as Rancher Desktop has them."""
+    try:
+        net = subnet if isinstance(subnet, ipaddress.IPv4Network) else ipaddress.IPv4Network(subnet, strict=True)
+    except ValueError as exc:
+        raise ConfigError(f"invalid --veth-subnet {subnet!r}: {exc}") from None
+    if net.prefixlen > 30:
+        raise ConfigError(f"invalid --veth-subnet {subnet!r}: needs room for .1 and .2 (a /30 or larger)")
+    host = ipaddress.IPv4Interface(f"{net.network_address + 2}/{net.prefixlen}")
+    ns = ipaddress.IPv4Interface(f"{net.network_address + 1}/{net.prefixlen}")
+    return host, ns
 
 
 def parse_cidr(text: str) -> ipaddress.IPv4Network:
