@@ -28,7 +28,7 @@ import trio
 
 from ..aio import connect
 from ..config import ConfigError, NetConfig, normalize_argv
-from ..aio import trace
+from ..aio import packet_trace, trace
 from ..aio.tasks import accept_loop
 from ..framing import validate_framing
 from ..handshake import Candidates, Dial, HandshakeError, keep_finding_vm, refusal, signal_ready
@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gateway-mac", default="5a:94:ef:e4:0c:dd")
     p.add_argument("--vm-mac", default="5a:94:ef:e4:0c:ee", help="MAC that gets the static lease .2")
     p.add_argument("--debug", action="store_true")
+    p.add_argument("--trace-packets", action="store_true",
+                   help="log one line per frame from the start; SIGUSR1 toggles it at run time (off by default)")
     p.add_argument("--trace-latency", default=None, metavar="FILE", help="append per-hop timestamps of small TCP segments to FILE (see rdswitch/aio/trace.py; env RDSWITCH_TRACE_LATENCY)")
     p.add_argument("--logfile", default=None)
     p.add_argument("--api-listen", action="append", default=[], metavar="URL",
@@ -188,6 +190,7 @@ async def amain(args: argparse.Namespace) -> int:
     hs = switch_host.build(args.net, args.nat_policy, dns=dns, capture=args.capture,
                            search_domains=dns.search_domains())
     async with trio.open_nursery() as nursery:
+        await nursery.start(packet_trace.follow_sigusr1)
         nursery.start_soon(dns.keep_search_domains, hs.dhcp.set_search_domains)
         if hs.capture:
             nursery.start_soon(hs.capture.run)  # writes the capture's tail while the network is idle
@@ -238,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging(args.debug, args.logfile)
     trace.start(args.trace_latency)
+    if args.trace_packets:
+        packet_trace.set_enabled(True, "--trace-packets")
     raise_fd_limit()
     return trio.run(amain, args)
 

@@ -20,7 +20,7 @@ import logging
 
 import trio
 
-from ..aio import trace
+from ..aio import packet_trace, trace
 from ..config import NetConfig
 from ..framing import FramingError
 from ..logs import describe, leaves
@@ -103,6 +103,8 @@ class HostSwitch:
         """Frames received from ``session``'s VM: switch them (sync, the hot path; one ``now`` per batch)."""
         if self.capture:
             self.capture.write(frames)
+        if packet_trace.enabled:
+            packet_trace.frames(f"{session!r} from VM", frames)
         counters = session.counters
         values = counters.values
         values["frames_in"] += len(frames)
