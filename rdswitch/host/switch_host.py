@@ -97,6 +97,9 @@ class HostSwitch:
         self.capture = egress.capture
         self.sessions: dict[int, Session] = {}
         self.sessions_changed = trio.Event()
+        #: set (and replaced) whenever the switch learns or forgets a VM's MAC
+        self.macs_changed = trio.Event()
+        self._macs_seen = switch.generation
 
     # ---- the frame path ------------------------------------------------------------------
     def from_vm(self, session: Session, frames: list) -> None:
@@ -140,6 +143,8 @@ class HostSwitch:
                     log.exception("%r: error handling a frame", session)
         values["bytes_in"] += nbytes
         self.nat.flush(now)
+        if self.switch.generation != self._macs_seen:  # a new VM MAC (rare): tell whoever watches
+            self._macs_news()
 
     def session_for(self, vm_ip: bytes) -> tuple[Session, bytes] | None:
         """The session and MAC that hold ``vm_ip``, if any VM has used it."""
@@ -191,6 +196,16 @@ class HostSwitch:
     def _changed(self) -> None:
         self.sessions_changed.set()
         self.sessions_changed = trio.Event()
+        self._macs_news()
+
+    def _macs_news(self) -> None:
+        self._macs_seen = self.switch.generation
+        self.macs_changed.set()
+        self.macs_changed = trio.Event()
+
+    def vm_macs(self) -> dict[bytes, Session]:
+        """Every MAC the switch has learnt on a VM's port, and that VM's session."""
+        return {mac: port for mac, port in self.switch.macs().items() if isinstance(port, Session)}
 
     async def _reader(self, session: Session) -> None:
         receive = session.link.receive_batch
