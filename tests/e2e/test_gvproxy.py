@@ -209,6 +209,8 @@ def test_podman_machine_command_line(bed, tmp):
     assert banner(ssh_port).startswith(b"SSH-2.0-OpenSSH")  # -ssh-port: 127.0.0.1:N -> the VM's :22
     status, body = http_get_unix(p["api.sock"], "/services/forwarder/all")
     assert status == 200 and {"local": f"127.0.0.1:{ssh_port}", "remote": f"{VM_IP}:22", "protocol": "tcp"} in json.loads(body)
+    assert json.loads(http_get_unix(p["api.sock"], "/leases")[1]) == {VM_IP: VM_MAC}
+    assert list(json.loads(http_get_unix(p["api.sock"], "/cam")[1])) == [VM_MAC]
     assert dig(vm, "host.containers.internal") == "192.168.127.254"  # gvproxy's default zones
     assert dig(vm, "gateway.docker.internal") == GATEWAY
 
@@ -391,3 +393,27 @@ def test_install_launcher(tmp_path):
     assert os.access(launcher, os.X_OK)
     out = subprocess.run([str(launcher), "-version"], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0 and out.stdout.startswith("gvproxy version v0.8.9"), out
+
+
+def test_listen_stdio(bed, tmp):
+    """-listen-stdio: the VM's frames on gvproxy's stdin/stdout (here a socketpair whose other end is
+    vm-switch's fd 3, in the stdio framing)."""
+    ours, theirs = socket.socketpair()
+    log = os.path.join(tmp, "gvproxy.log")
+    argv = [PY, "-m", "rdswitch", "gvproxy", "-listen-stdio", "accept", "-ssh-port", "-1", "-log-file", log,
+            "--allow-outbound", "127.0.0.0/8", "--dns-upstream", f"127.0.0.1:{free_port(kind=socket.SOCK_DGRAM)}"]
+    gv = subprocess.Popen(argv, stdin=ours.fileno(), stdout=ours.fileno(), stderr=subprocess.DEVNULL, cwd=REPO)
+    bed._stack.callback(stop, gv)
+    ns = bed.namespace()
+    vm = subprocess.Popen(nsutil.ns_cmd(ns, [PY, "-c", "import os, sys; os.dup2(int(sys.argv[1]), 3); "
+                                                 "os.execvp(sys.argv[2], sys.argv[2:])", str(theirs.fileno()),
+                                             PY, "-m", "rdswitch.vm", "--tap-mac-address", VM_MAC]),
+                          pass_fds=(theirs.fileno(),), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    bed._stack.callback(stop, vm)
+    ours.close()
+    theirs.close()
+    nsutil.wait_for(lambda: f"inet {VM_IP}/24" in nsutil.ns_run(ns, ["ip", "-4", "-o", "addr"]).stdout, 20,
+                    what="the lease over stdio")
+    nsutil.ns_run(ns, ["ping", "-c", "1", "-W", "2", GATEWAY])
+    with open(log) as f:
+        assert "serving the VM connection on stdin/stdout" in f.read()
