@@ -26,6 +26,17 @@ DATA_PORT = 6656
 SIGNATURE = b"github.com/rancher-sandbox/rancher-desktop-networking"
 READY = b"READY"
 
+# The veth pair network-setup makes between the VM's default namespace and the
+# namespace where containers run: Rancher Desktop's current names and addresses
+# (it moved off 192.168.1.0/24, which collided with home LANs).  The host end
+# is .2 of the veth subnet, the namespace end .1; wsl-proxy pipes to .1.
+VETH_HOST_NAME = "veth-rd-wsl"
+VETH_NS_NAME = "veth-rd-ns"
+VETH_SUBNET = "192.168.143.0/24"
+#: The first layout (veth-rd0 192.168.1.1 / veth-rd1 192.168.1.2), one flag set away.
+SEED_VETH = {"veth-host-name": "veth-rd0", "veth-ns-name": "veth-rd1",
+             "veth-host-address": "192.168.1.1/24", "veth-ns-address": "192.168.1.2/24"}
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid; str() is a message for the user."""
@@ -77,6 +88,19 @@ def parse_subnet(text: str) -> ipaddress.IPv4Network:
     return net
 
 
+def veth_addresses(subnet: str | ipaddress.IPv4Network) -> tuple[ipaddress.IPv4Interface, ipaddress.IPv4Interface]:
+    """The (host end, namespace end) addresses of a veth subnet: .2 and .1, as Rancher Desktop has them."""
+    try:
+        net = subnet if isinstance(subnet, ipaddress.IPv4Network) else ipaddress.IPv4Network(subnet, strict=True)
+    except ValueError as exc:
+        raise ConfigError(f"invalid --veth-subnet {subnet!r}: {exc}") from None
+    if net.prefixlen > 30:
+        raise ConfigError(f"invalid --veth-subnet {subnet!r}: needs room for .1 and .2 (a /30 or larger)")
+    host = ipaddress.IPv4Interface(f"{net.network_address + 2}/{net.prefixlen}")
+    ns = ipaddress.IPv4Interface(f"{net.network_address + 1}/{net.prefixlen}")
+    return host, ns
+
+
 def parse_cidr(text: str) -> ipaddress.IPv4Network:
     try:
         return ipaddress.IPv4Network(text, strict=False)
@@ -94,6 +118,12 @@ class NetConfig:
     gateway_mac: bytes = attrs.field(default=parse_mac(DEFAULT_GATEWAY_MAC), converter=lambda m: m if isinstance(m, bytes) else parse_mac(m))
     vm_mac: bytes = attrs.field(default=parse_mac(DEFAULT_VM_MAC), converter=lambda m: m if isinstance(m, bytes) else parse_mac(m))
     mtu: int = attrs.field(default=DEFAULT_MTU, converter=parse_mtu)
+    #: virtual IP -> host IP the NAT sends it to (None: the host alias .254 -> 127.0.0.1)
+    nat: tuple[tuple[ipaddress.IPv4Address, ipaddress.IPv4Address], ...] | None = None
+    #: the addresses besides .1 the gateway answers ARP for (None: the host alias .254)
+    virtual_ips: tuple[ipaddress.IPv4Address, ...] | None = None
+    #: DHCP leases by MAC besides the VM MAC's .2
+    static_leases: tuple[tuple[bytes, ipaddress.IPv4Address], ...] = ()
 
     @property
     def gateway_ip(self) -> ipaddress.IPv4Address:
@@ -118,10 +148,13 @@ class NetConfig:
     @property
     def gateway_ips(self) -> tuple[ipaddress.IPv4Address, ...]:
         """Every address the gateway answers ARP for."""
-        return (self.gateway_ip, self.host_alias_ip)
+        extra = (self.host_alias_ip,) if self.virtual_ips is None else self.virtual_ips
+        return (self.gateway_ip, *(ip for ip in extra if ip != self.gateway_ip))
 
     @property
     def nat_table(self) -> dict[ipaddress.IPv4Address, ipaddress.IPv4Address]:
+        if self.nat is not None:
+            return dict(self.nat)
         return {self.host_alias_ip: ipaddress.IPv4Address("127.0.0.1")}
 
     @property
@@ -129,6 +162,29 @@ class NetConfig:
         """Host numbers handed out dynamically: .3 up to .253 (.254 is the host alias)."""
         size = min(self.subnet.num_addresses - 1, 254)
         return range(3, size)
+
+
+def parse_ipv4_address(text: str, what: str) -> ipaddress.IPv4Address:
+    try:
+        return ipaddress.IPv4Address(str(text).strip())
+    except ValueError:
+        raise ConfigError(f"invalid {what} {text!r}: expected an IPv4 address like 192.168.127.254") from None
+
+
+def parse_nat_flag(text: str) -> tuple[ipaddress.IPv4Address, ipaddress.IPv4Address]:
+    """``--nat 192.168.127.254=127.0.0.1``: flows to the virtual IP go to the host IP."""
+    virtual, sep, real = str(text).partition("=")
+    if not sep:
+        raise ConfigError(f"invalid --nat {text!r}: expected VIRTUAL_IP=HOST_IP, like 192.168.127.254=127.0.0.1")
+    return parse_ipv4_address(virtual, "--nat virtual IP"), parse_ipv4_address(real, "--nat host IP")
+
+
+def parse_static_lease_flag(text: str) -> tuple[bytes, ipaddress.IPv4Address]:
+    """``--dhcp-static-lease 192.168.127.3=5a:94:ef:e4:0c:ef`` -> (MAC, IP)."""
+    ip, sep, mac = str(text).partition("=")
+    if not sep:
+        raise ConfigError(f"invalid --dhcp-static-lease {text!r}: expected IP=MAC, like 192.168.127.3=5a:94:ef:e4:0c:ef")
+    return parse_mac(mac), parse_ipv4_address(ip, "--dhcp-static-lease IP")
 
 
 def normalize_argv(argv: list[str], long_flags: set[str]) -> list[str]:

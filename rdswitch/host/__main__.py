@@ -28,8 +28,10 @@ import attrs
 import trio
 
 from ..aio import connect
-from ..config import ConfigError, NetConfig, normalize_argv
-from ..aio import trace
+from ..aio.links import StreamFrameLink
+from ..config import (ConfigError, NetConfig, normalize_argv, parse_ipv4_address, parse_nat_flag,
+                      parse_static_lease_flag)
+from ..aio import packet_trace, trace
 from ..aio.tasks import accept_loop
 from ..framing import validate_framing
 from ..handshake import Candidates, Dial, HandshakeError, keep_finding_vm, refusal, signal_ready
@@ -60,11 +62,29 @@ def build_parser() -> argparse.ArgumentParser:
                         "it READY so it dials a --listen URL; e.g. vsock://3:6669, hvsock://VMID:6669 or "
                         "unix:///run/rd-handshake.sock; default on Windows: every running compute system")
     p.add_argument("--framing", default="stdio", help="stdio (16-bit LE length, default), qemu (QEMU -netdev stream/socket), bess, vfkit or dgram (unix datagrams; QEMU -netdev dgram)")
+    p.add_argument("--listen-qemu", action="append", default=[], metavar="URL",
+                   help="also accept VM connections here in the qemu framing, whatever --framing says (repeatable; "
+                        "gvproxy's flag)")
+    p.add_argument("--listen-bess", action="append", default=[], metavar="URL",
+                   help="also accept VM connections here in the bess framing (unix SOCK_SEQPACKET; repeatable)")
+    p.add_argument("--listen-vfkit", action="append", default=[], metavar="URL",
+                   help="also accept a VM here in the vfkit framing (unix SOCK_DGRAM; repeatable)")
+    p.add_argument("--listen-stdio", action="store_true",
+                   help="serve one VM connection on stdin/stdout (stdio framing); logs stay on stderr")
     p.add_argument("--subnet", default="192.168.127.0/24", help="virtual subnet; gateway .1, VM .2, host alias .254")
     p.add_argument("--mtu", default="1500", help="MTU announced by DHCP (576..65521)")
     p.add_argument("--gateway-mac", default="5a:94:ef:e4:0c:dd")
     p.add_argument("--vm-mac", default="5a:94:ef:e4:0c:ee", help="MAC that gets the static lease .2")
+    p.add_argument("--dhcp-static-lease", action="append", default=[], metavar="IP=MAC",
+                   help="another static DHCP lease, e.g. 192.168.127.3=5a:94:ef:e4:0c:ef (repeatable)")
+    p.add_argument("--nat", action="append", default=[], metavar="VIRTUAL_IP=HOST_IP",
+                   help="flows to VIRTUAL_IP go to HOST_IP (repeatable); replaces the default "
+                        "<subnet>.254=127.0.0.1")
+    p.add_argument("--gateway-virtual-ip", action="append", default=[], metavar="IP",
+                   help="an address the gateway answers ARP for besides .1 (repeatable); replaces the default .254")
     p.add_argument("--debug", action="store_true")
+    p.add_argument("--trace-packets", action="store_true",
+                   help="log one line per frame from the start; SIGUSR1 toggles it at run time (off by default)")
     p.add_argument("--trace-latency", default=None, metavar="FILE", help="append per-hop timestamps of small TCP segments to FILE (see rdswitch/aio/trace.py; env RDSWITCH_TRACE_LATENCY)")
     p.add_argument("--logfile", default=None)
     p.add_argument("--api-listen", action="append", default=[], metavar="URL",
@@ -84,21 +104,32 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     long_flags = {a.dest.replace("_", "-") for a in p._actions} | {"debug", "listen", "subnet", "framing", "mtu"}
     args = p.parse_args(normalize_argv(argv, long_flags))
     try:
-        args.net = NetConfig(subnet=args.subnet, gateway_mac=args.gateway_mac, vm_mac=args.vm_mac, mtu=args.mtu)
+        args.net = NetConfig(subnet=args.subnet, gateway_mac=args.gateway_mac, vm_mac=args.vm_mac, mtu=args.mtu,
+                             nat=tuple(parse_nat_flag(f) for f in args.nat) or None,
+                             virtual_ips=tuple(parse_ipv4_address(ip, "--gateway-virtual-ip")
+                                               for ip in args.gateway_virtual_ip) or None,
+                             static_leases=tuple(parse_static_lease_flag(f) for f in args.dhcp_static_lease))
         args.framing = validate_framing(args.framing)
         for url in args.handshake:  # dialable here: a CID / VM id, and the socket family exists
             ep = parse_url(url)
             if ep.scheme in ("vsock", "hvsock"):
                 _ = ep.family  # ConfigError where this OS/Python has no such sockets
                 ep.sockaddr()
-        plan = defaults.plan(args.listen, args.handshake, windows=sys.platform == "win32",
-                             vsock_works=not args.listen and not args.handshake and vsock_works(),
-                             runtime_dir=os.environ.get("XDG_RUNTIME_DIR"))
+        framed = [(url, "qemu") for url in args.listen_qemu] + [(url, "bess") for url in args.listen_bess]
+        framed += [(url, "vfkit") for url in args.listen_vfkit]
+        if framed or args.listen_stdio:  # gvproxy's interface flags: they are the data listeners
+            plan = defaults.Plan(list(args.listen), list(args.handshake))
+        else:
+            plan = defaults.plan(args.listen, args.handshake, windows=sys.platform == "win32",
+                                 vsock_works=not args.listen and not args.handshake and vsock_works(),
+                                 runtime_dir=os.environ.get("XDG_RUNTIME_DIR"))
         args.listen = plan.listen
         args.handshake_used = plan.handshake_used
         args.candidates = RegistryCandidates(RegistryComputeSystems()) if plan.registry else plan.handshake
-        for url in args.listen:  # a live socket or a non-socket at a unix path, a bad fd://N
-            connect.check_listen(url, args.framing)
+        #: every data listener: (URL, framing)
+        args.listeners = [(url, args.framing) for url in args.listen] + framed
+        for url, framing in args.listeners:  # a live socket or a non-socket at a unix path, a bad fd://N
+            connect.check_listen(url, framing)
         args.nat_policy = NatPolicy.from_args(args, args.net)
         args.vm_policy = vm_policy_from_args(args, args.net)
         args.forwards = [parse_port_forward_flag(f, args.net.subnet) for f in args.port_forward]
@@ -204,11 +235,24 @@ def protect(hs: HostSwitch, url: str) -> None:
     hs.nat.core.protect(None if ip.is_unspecified else str(ip), ep.port)
 
 
-async def amain(args: argparse.Namespace) -> int:
+def stdio_link():
+    """The VM connection on stdin (frames in) and stdout (frames out), in the stdio framing (``--listen-stdio``)."""
+    stream = trio.StapledStream(trio.lowlevel.FdStream(os.dup(1)), trio.lowlevel.FdStream(os.dup(0)))
+    return StreamFrameLink(stream, "stdio", peer="stdio")
+
+
+async def amain(args: argparse.Namespace, *, extra=None) -> int:
+    """host-switch's nursery tree until SIGTERM/SIGINT.
+
+    ``extra(hs, forwarder, task_status=...)``, if given, is started in the same
+    nursery once every listener is up (a composition such as ``rdswitch gvproxy``
+    adds its own tasks there; they end with everything else).
+    """
     dns = args.dns
     hs = switch_host.build(args.net, args.nat_policy, dns=dns, capture=args.capture,
                            search_domains=dns.search_domains())
     async with trio.open_nursery() as nursery:
+        await nursery.start(packet_trace.follow_sigusr1)
         nursery.start_soon(dns.keep_search_domains, hs.dhcp.set_search_domains)
         if hs.capture:
             nursery.start_soon(hs.capture.run)  # writes the capture's tail while the network is idle
@@ -231,13 +275,18 @@ async def amain(args: argparse.Namespace) -> int:
                 nursery.cancel_scope.cancel()
                 return 2
         gate = PeerGate(handshake_used=args.handshake_used)
-        for url in args.listen:
-            listener = await connect.listen(url, args.framing)
+        for url, framing in args.listeners:
+            listener = await connect.listen(url, framing)
             protect(hs, listener.url)
-            log.info("listening on %s (framing %s)", url, args.framing)
+            log.info("listening on %s (framing %s)", url, framing)
             nursery.start_soon(serve_listener, hs, listener, url, gate)
+        if args.listen_stdio:
+            log.info("serving the VM connection on stdin/stdout (framing stdio)")
+            nursery.start_soon(hs.run_session, stdio_link())
         if args.handshake_used:
             nursery.start_soon(functools.partial(handshake, hs, args.candidates, gate=gate))
+        if extra is not None:
+            await nursery.start(extra, hs, forwarder)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for sig in signals:
                 log.info("got %s, shutting down", signal.Signals(sig).name)
@@ -263,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging(args.debug, args.logfile)
     trace.start(args.trace_latency)
+    if args.trace_packets:
+        packet_trace.set_enabled(True, "--trace-packets")
     raise_fd_limit()
     return trio.run(amain, args)
 

@@ -34,7 +34,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from ..aio.tasks import accept_loop
-from ..config import ConfigError, NetConfig
+from ..config import ConfigError, NetConfig, format_mac
 from ..services.forwarder import parse_expose, parse_unexpose
 from ..services.policy import (
     HOST, REASONS, Caller, PolicyRefused, Refusal, RefusalLog, State, VmPolicy, check_dns_add, check_expose,
@@ -143,8 +143,14 @@ def create_app(hs, forwarder, dns=None, *, policy: VmPolicy | None = None,
         return _json(forwarder.all())
 
     @app.get("/services/dhcp/leases")
+    @app.get("/leases")  # gvproxy serves it at both paths
     async def leases():
         return _json(hs.dhcp.leases())
+
+    @app.get("/cam")
+    async def cam():
+        """gvproxy's /cam: each VM MAC the switch has learnt -> its connection (session) id."""
+        return _json({format_mac(mac): session.id for mac, session in sorted(hs.vm_macs().items())})
 
     @app.get("/services/dns/all")
     async def dns_all():

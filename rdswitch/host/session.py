@@ -15,7 +15,7 @@ import logging
 
 import trio
 
-from ..aio import trace
+from ..aio import packet_trace, trace
 
 from ..stack.counters import Counters
 
@@ -73,6 +73,8 @@ class Session:
                 break
         if not frames:
             return
+        if packet_trace.enabled:
+            packet_trace.frames(f"{self!r} to VM", frames)
         values = self.counters.values
         if self._inline and not self._queue:
             link = self.link

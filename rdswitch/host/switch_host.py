@@ -21,7 +21,7 @@ from typing import Callable
 
 import trio
 
-from ..aio import trace
+from ..aio import packet_trace, trace
 from ..config import NetConfig
 from ..framing import FramingError
 from ..logs import describe, leaves
@@ -100,12 +100,17 @@ class HostSwitch:
         self.sessions_changed = trio.Event()
         #: called with a session's id when it has ended (its forwards and DNS records of the API go)
         self.session_closed_hooks: list[Callable[[int], None]] = []
+        #: set (and replaced) whenever the switch learns or forgets a VM's MAC
+        self.macs_changed = trio.Event()
+        self._macs_seen = switch.generation
 
     # ---- the frame path ------------------------------------------------------------------
     def from_vm(self, session: Session, frames: list) -> None:
         """Frames received from ``session``'s VM: switch them (sync, the hot path; one ``now`` per batch)."""
         if self.capture:
             self.capture.write(frames)
+        if packet_trace.enabled:
+            packet_trace.frames(f"{session!r} from VM", frames)
         counters = session.counters
         values = counters.values
         values["frames_in"] += len(frames)
@@ -141,6 +146,8 @@ class HostSwitch:
                     log.exception("%r: error handling a frame", session)
         values["bytes_in"] += nbytes
         self.nat.flush(now)
+        if self.switch.generation != self._macs_seen:  # a new VM MAC (rare): tell whoever watches
+            self._macs_news()
 
     def session_for(self, vm_ip: bytes) -> tuple[Session, bytes] | None:
         """The session and MAC that hold ``vm_ip``, if any VM has used it."""
@@ -209,6 +216,16 @@ class HostSwitch:
     def _changed(self) -> None:
         self.sessions_changed.set()
         self.sessions_changed = trio.Event()
+        self._macs_news()
+
+    def _macs_news(self) -> None:
+        self._macs_seen = self.switch.generation
+        self.macs_changed.set()
+        self.macs_changed = trio.Event()
+
+    def vm_macs(self) -> dict[bytes, Session]:
+        """Every MAC the switch has learnt on a VM's port, and that VM's session."""
+        return {mac: port for mac, port in self.switch.macs().items() if isinstance(port, Session)}
 
     async def _reader(self, session: Session) -> None:
         receive = session.link.receive_batch

@@ -30,11 +30,12 @@ import attrs
 import trio
 
 from ..aio import connect
-from ..config import ConfigError
+from ..config import ConfigError, NetConfig
 from ..logs import describe, leaves
 from ..handshake import HandshakeError, serve_handshake
 from . import links
 from .children import stop_process
+from .collision import veth_conflict
 from .options import Options, init_command, parse_args, vm_switch_command
 from ..logs import setup_logging
 
@@ -259,12 +260,32 @@ async def amain(opts: Options) -> int:
     return st.exit_code
 
 
+def veth_collision(opts: Options) -> str | None:
+    """Why the veth pair would shadow a network this namespace already has (a LAN, a VPN), or None.
+
+    Our own stale host veth does not count: setup removes it first.
+    """
+    try:
+        found = links.claims()
+    except OSError as exc:  # NetlinkError is an OSError
+        log.warning("cannot read this namespace's routes to check the veth subnet: %s", exc)
+        return None
+    what = f"{opts.veth_host_name} {opts.veth_host_address} / {opts.veth_ns_name} {opts.veth_ns_address}"
+    return veth_conflict(what, opts.veth_networks, found, ignore_dev=opts.veth_host_name,
+                         also_taken=[NetConfig(subnet=opts.subnet).subnet])
+
+
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging(opts.debug, opts.logfile, stderr_level=logging.WARNING)
     if os.geteuid() != 0:
         log.error("network-setup needs root (it creates a network namespace and a veth pair)")
         return 1
+    why = veth_collision(opts)  # before anything is created
+    if why is not None:
+        log.info("refusing to start: %s", why)  # the log file; stderr gets the one line below
+        print(f"python -m rdswitch.network_setup: error: {why}", file=sys.stderr)
+        return 2
     try:
         return trio.run(amain, opts)
     except KeyboardInterrupt:  # a second ^C during teardown

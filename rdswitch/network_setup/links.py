@@ -109,3 +109,26 @@ def setup_veth(ns_name: str, host_if: str, ns_if: str, host_addr: ipaddress.IPv4
             nipr.link("set", index=idx, state="up")
         except NetlinkError as exc:
             raise LinkError(f"cannot configure {ns_if} in {ns_name} with {ns_addr}: {exc}") from exc
+
+
+def claims(netns_name: str | None = None) -> list:
+    """Every IPv4 route (any table but ``local``) and interface address of this namespace (or ``netns_name``),
+    as :class:`~rdswitch.network_setup.collision.Claim`s."""
+    import socket
+
+    from .collision import Claim
+
+    out = []
+    with (IPRoute(netns=netns_name, flags=0) if netns_name else IPRoute()) as ipr:
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+        for route in ipr.get_routes(family=socket.AF_INET):
+            table = route.get_attr("RTA_TABLE") or route["table"]
+            dst = route.get_attr("RTA_DST")
+            if table == 255 or dst is None or route["dst_len"] == 0:
+                continue
+            dev = names.get(route.get_attr("RTA_OIF"), "?")
+            out.append(Claim(ipaddress.IPv4Network(f"{dst}/{route['dst_len']}", strict=False), dev))
+        for addr in ipr.get_addr(family=socket.AF_INET):
+            iface = ipaddress.IPv4Interface(f"{addr.get_attr('IFA_ADDRESS')}/{addr['prefixlen']}")
+            out.append(Claim(iface.network, names.get(addr["index"], "?"), "address", iface))
+    return out

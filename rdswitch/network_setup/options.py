@@ -21,22 +21,25 @@ from ..config import (
     DEFAULT_SUBNET,
     DEFAULT_VM_MAC,
     HANDSHAKE_PORT,
+    VETH_HOST_NAME,
+    VETH_NS_NAME,
+    VETH_SUBNET,
     ConfigError,
     NetConfig,
     format_mac,
     go_bools,
     normalize_argv,
     parse_mac,
+    veth_addresses,
 )
 from ..urls import parse_url
 
 DEFAULT_HANDSHAKE_LISTEN = f"vsock://:{HANDSHAKE_PORT}"
 DEFAULT_HOST_URL = f"vsock://2:{DATA_PORT}"
 DEFAULT_NETNS = "rd-netns"
-DEFAULT_VETH_HOST = "veth-rd0"
-DEFAULT_VETH_NS = "veth-rd1"
-DEFAULT_VETH_HOST_ADDRESS = "192.168.1.1/24"
-DEFAULT_VETH_NS_ADDRESS = "192.168.1.2/24"
+DEFAULT_VETH_HOST = VETH_HOST_NAME
+DEFAULT_VETH_NS = VETH_NS_NAME
+DEFAULT_VETH_SUBNET = VETH_SUBNET
 DEFAULT_PID_FILE = "/run/wsl-init.pid"
 DEFAULT_LOGFILE = "/var/log/network-setup.log"
 DEFAULT_VM_SWITCH_LOGFILE = "/var/log/vm-switch.log"
@@ -48,10 +51,10 @@ UNSHARE_PREFIX = ("unshare", "--pid", "--mount-proc", "--fork", "--propagation",
 LONG_FLAGS = {
     "debug", "tap-interface", "subnet", "tap-mac-address", "vm-switch-path", "vm-switch-logfile", "vm-switch-offload", "unshare-arg",
     "logfile", "handshake-listen", "host-url", "netns", "veth-host-name", "veth-ns-name", "veth-host-address",
-    "veth-ns-address", "pid-file", "stop-timeout", "dial-attempts", "init-foreground",
+    "veth-ns-address", "veth-subnet", "pid-file", "stop-timeout", "dial-attempts", "init-foreground", "trace-packets",
 }
 #: The flags that take Go's ``-flag=true|false`` spelling too.
-BOOL_FLAGS = {"debug", "vm-switch-offload"}
+BOOL_FLAGS = {"debug", "vm-switch-offload", "trace-packets"}
 
 # Linux interface names: 1..15 bytes, no '/', no whitespace, not "." or "..".
 _IFNAME_RE = re.compile(r"^[^/\s:]{1,15}$")
@@ -81,6 +84,13 @@ class Options:
     dial_attempts: int
     offload: bool = False
     init_foreground: bool = False
+    trace_packets: bool = False
+
+    @property
+    def veth_networks(self) -> tuple[ipaddress.IPv4Network, ...]:
+        """The networks the veth pair's addresses put on the two namespaces (one, unless they differ)."""
+        nets = (self.veth_host_address.network, self.veth_ns_address.network)
+        return nets[:1] if nets[0] == nets[1] else nets
 
 
 def check_ifname(name: str, flag: str) -> str:
@@ -97,7 +107,7 @@ def check_netns(name: str) -> str:
 
 def parse_interface_address(text: str, flag: str) -> ipaddress.IPv4Interface:
     if "/" not in text:
-        raise ConfigError(f"invalid {flag} {text!r}: expected an IPv4 address with a prefix length, like 192.168.1.1/24")
+        raise ConfigError(f"invalid {flag} {text!r}: expected an IPv4 address with a prefix length, like 192.168.143.2/24")
     try:
         iface = ipaddress.IPv4Interface(text)
     except ValueError as exc:
@@ -143,19 +153,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--netns", default=DEFAULT_NETNS, help=f"network namespace to create (default {DEFAULT_NETNS})")
     p.add_argument("--veth-host-name", default=DEFAULT_VETH_HOST, help=f"veth end in this namespace (default {DEFAULT_VETH_HOST})")
     p.add_argument("--veth-ns-name", default=DEFAULT_VETH_NS, help=f"veth end inside the namespace (default {DEFAULT_VETH_NS})")
-    p.add_argument("--veth-host-address", default=DEFAULT_VETH_HOST_ADDRESS,
-                   help=f"address of the host veth end (default {DEFAULT_VETH_HOST_ADDRESS})")
-    p.add_argument("--veth-ns-address", default=DEFAULT_VETH_NS_ADDRESS,
-                   help=f"address of the namespace veth end (default {DEFAULT_VETH_NS_ADDRESS})")
+    add_veth_arguments(p)
     p.add_argument("--pid-file", default=DEFAULT_PID_FILE,
                    help=f"where to write the unshare process's pid (default {DEFAULT_PID_FILE}; empty: none)")
     p.add_argument("--stop-timeout", default=str(DEFAULT_STOP_TIMEOUT),
                    help=f"seconds children get to exit after SIGTERM before SIGKILL (default {DEFAULT_STOP_TIMEOUT:g})")
     p.add_argument("--dial-attempts", default="10", help="tries (0.5 s apart) to dial the host after READY (default 10)")
+    p.add_argument("--trace-packets", action="store_true",
+                   help="start vm-switch with per-packet tracing on (one log line per frame; SIGUSR1 to vm-switch toggles it)")
     p.add_argument("--init-foreground", action="store_true",
                    help="give init this process's stdin (a terminal for an interactive shell), keep vm-switch off "
                         "stdout/stderr, and exit with init's status when it ends (what 'python -m rdswitch sandbox' uses)")
     return p
+
+
+def add_veth_arguments(p) -> None:
+    """--veth-subnet and the four flags it stands for (network-setup's and the sandbox's)."""
+    host, ns = veth_addresses(DEFAULT_VETH_SUBNET)
+    p.add_argument("--veth-subnet", default=None, metavar="CIDR",
+                   help=f"subnet of the veth pair: the host end gets .2, the namespace end .1 (default "
+                        f"{DEFAULT_VETH_SUBNET}: {host} / {ns}); pick another when a LAN or VPN uses it")
+    p.add_argument("--veth-host-address", default=None, metavar="IP/LEN",
+                   help=f"address of the host veth end, instead of --veth-subnet's .2 (default {host})")
+    p.add_argument("--veth-ns-address", default=None, metavar="IP/LEN",
+                   help=f"address of the namespace veth end, instead of --veth-subnet's .1 (default {ns}); "
+                        "the first layout is --veth-host-name veth-rd0 --veth-ns-name veth-rd1 "
+                        "--veth-host-address 192.168.1.1/24 --veth-ns-address 192.168.1.2/24")
+
+
+def veth_pair_addresses(ns: argparse.Namespace) -> tuple[ipaddress.IPv4Interface, ipaddress.IPv4Interface]:
+    """The (host end, namespace end) addresses the veth flags ask for; ConfigError for a bad combination."""
+    if ns.veth_subnet is not None and (ns.veth_host_address is not None or ns.veth_ns_address is not None):
+        raise ConfigError("give --veth-subnet or --veth-host-address/--veth-ns-address, not both")
+    host, nsaddr = veth_addresses(ns.veth_subnet or DEFAULT_VETH_SUBNET)
+    if ns.veth_host_address is not None:
+        host = parse_interface_address(ns.veth_host_address, "--veth-host-address")
+    if ns.veth_ns_address is not None:
+        nsaddr = parse_interface_address(ns.veth_ns_address, "--veth-ns-address")
+    if host.ip == nsaddr.ip:
+        raise ConfigError(f"--veth-host-address and --veth-ns-address are the same address {host.ip}")
+    return host, nsaddr
 
 
 def _parse_float(text: str, flag: str, lo: float, hi: float) -> float:
@@ -170,7 +207,7 @@ def _parse_float(text: str, flag: str, lo: float, hi: float) -> float:
 
 def validate(ns: argparse.Namespace) -> Options:
     """Turn parsed flags into Options; raise ConfigError with a message for the user."""
-    NetConfig(subnet=ns.subnet)  # raises ConfigError for a bad subnet
+    net = NetConfig(subnet=ns.subnet)  # raises ConfigError for a bad subnet
     mac = format_mac(parse_mac(ns.tap_mac_address))
     for flag, url in (("--handshake-listen", ns.handshake_listen), ("--host-url", ns.host_url)):
         try:
@@ -186,10 +223,11 @@ def validate(ns: argparse.Namespace) -> Options:
     tap = check_ifname(ns.tap_interface, "--tap-interface")
     if tap == ns_name:
         raise ConfigError(f"--tap-interface and --veth-ns-name are both {tap!r}; they live in the same namespace")
-    host_addr = parse_interface_address(ns.veth_host_address, "--veth-host-address")
-    ns_addr = parse_interface_address(ns.veth_ns_address, "--veth-ns-address")
-    if host_addr.ip == ns_addr.ip:
-        raise ConfigError(f"--veth-host-address and --veth-ns-address are the same address {host_addr.ip}")
+    host_addr, ns_addr = veth_pair_addresses(ns)
+    for veth in {host_addr.network, ns_addr.network}:
+        if veth.overlaps(net.subnet):
+            raise ConfigError(f"the veth subnet {veth} overlaps the virtual subnet {net.subnet} (--subnet); "
+                              "pick another --veth-subnet")
     if ns.vm_switch_path is not None and not ns.vm_switch_path.strip():
         raise ConfigError("--vm-switch-path is empty")
     dial_attempts = int(_parse_float(ns.dial_attempts, "--dial-attempts", 1, 1000))
@@ -214,6 +252,7 @@ def validate(ns: argparse.Namespace) -> Options:
         stop_timeout=_parse_float(ns.stop_timeout, "--stop-timeout", 0, 600),
         dial_attempts=dial_attempts,
         init_foreground=ns.init_foreground,
+        trace_packets=ns.trace_packets,
     )
 
 
@@ -251,6 +290,8 @@ def vm_switch_command(opts: Options, fd: int, python: str = sys.executable) -> l
         cmd += ["--logfile", opts.vm_switch_logfile]
     if opts.offload:
         cmd.append("--offload")
+    if opts.trace_packets:
+        cmd.append("--trace-packets")
     return ns_exec(opts.netns, [python, "-c", FD3_TRAMPOLINE, str(fd), *cmd])
 
 

@@ -1,6 +1,6 @@
 """The sandbox's self-check: runs as CMD (pid 1 of the namespace's pid namespace) and tries real tools.
 
-    python -m rdswitch.sandbox.check --subnet 192.168.127.0/24 --http-port PORT
+    python -m rdswitch.sandbox.check --subnet 192.168.127.0/24 --http-port PORT --veth-peer 192.168.143.2
 
 Every address comes from the subnet (gateway .1, VM .2, host alias .254).
 One line per check on stdout; exit status 0 when all pass, 1 otherwise.
@@ -15,7 +15,7 @@ import shutil
 import subprocess
 import sys
 
-from .options import HOST_ALIAS, VETH_HOST_ADDRESS
+from .options import HOST_ALIAS
 
 
 def run(cmd: list[str]) -> tuple[bool, str]:
@@ -35,10 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m rdswitch.sandbox.check")
     p.add_argument("--subnet", required=True)
     p.add_argument("--http-port", type=int, required=True)
+    p.add_argument("--veth-peer", required=True, help="the host end of the veth pair, pinged from the namespace")
     args = p.parse_args(argv)
     net = ipaddress.IPv4Network(args.subnet)
     gw, vm, alias = (str(net.network_address + i) for i in (1, 2, 254))
-    veth_peer = VETH_HOST_ADDRESS.split("/")[0]
+    veth_peer = args.veth_peer
     checks: list[tuple[str, list[str] | None, object]] = [
         ("pid 1 of its own pid namespace", None, lambda: (os.getpid() == 1, f"pid {os.getpid()}")),
         ("lease on eth0", ["ip", "-4", "-o", "addr", "show", "dev", "eth0"], f" {vm}/{net.prefixlen}"),

@@ -18,17 +18,18 @@ import sys
 
 import attrs
 
+from ..config import ConfigError, VETH_HOST_NAME, VETH_NS_NAME, VETH_SUBNET, veth_addresses
+from ..network_setup.options import add_veth_arguments, check_ifname, veth_pair_addresses
+
 PROG = "python -m rdswitch sandbox"
 DEFAULT_SUBNET = "192.168.127.0/24"
 DEFAULT_ALLOW = ("127.0.0.0/8",)
-#: The veth pair of the contract (docs/wire-contract.md, network-setup defaults).  It lives in
-#: the sandbox's own "VM" namespace, never in the host's, so two sandboxes
-#: (or a host LAN on 192.168.1.0/24) do not collide.
-VETH_HOST = "veth-rd0"
-VETH_NS = "veth-rd1"
-VETH_HOST_ADDRESS = "192.168.1.1/24"
-VETH_NS_ADDRESS = "192.168.1.2/24"
+#: The veth pair of the contract (docs/wire-contract.md, network-setup's defaults: veth-rd-wsl
+#: 192.168.143.2/24, veth-rd-ns 192.168.143.1/24).  Its host end lives in the sandbox's own "VM"
+#: namespace, never in the host's, so two sandboxes do not collide; its namespace end is in CMD's
+#: namespace, where it would shadow a host network on the same subnet (the start checks).
 HOST_ALIAS = "host.rancher-desktop.internal"
+_VETH_HOST_ADDRESS, _VETH_NS_ADDRESS = veth_addresses(VETH_SUBNET)
 
 _NETNS_RE = re.compile(r"^[A-Za-z0-9_.-]{1,60}$")
 
@@ -52,6 +53,15 @@ class Options:
     self_check: bool
     debug: bool
     stop_timeout: float
+    veth_host_name: str = VETH_HOST_NAME
+    veth_ns_name: str = VETH_NS_NAME
+    veth_host_address: ipaddress.IPv4Interface = _VETH_HOST_ADDRESS
+    veth_ns_address: ipaddress.IPv4Interface = _VETH_NS_ADDRESS
+
+    @property
+    def veth_networks(self) -> tuple[ipaddress.IPv4Network, ...]:
+        nets = (self.veth_host_address.network, self.veth_ns_address.network)
+        return nets[:1] if nets[0] == nets[1] else nets
 
     @property
     def gateway(self) -> str:
@@ -67,7 +77,7 @@ class Options:
 
     @property
     def vm_netns(self) -> str:
-        """The "VM" root namespace network-setup runs in (where veth-rd0 lives)."""
+        """The "VM" root namespace network-setup runs in (where the host end of the veth lives)."""
         return f"{self.netns}-vm"
 
 
@@ -101,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--capture", default=None, metavar="FILE", help="write every frame to this pcap file")
     v = p.add_argument_group("vm-switch (passed through)")
     v.add_argument("--offload", action="store_true", help="run vm-switch with --offload (TSO both ways)")
+    n = p.add_argument_group("network-setup (passed through)")
+    n.add_argument("--veth-host-name", default=VETH_HOST_NAME, help=f"veth end in network-setup's namespace "
+                                                                    f"(default {VETH_HOST_NAME})")
+    n.add_argument("--veth-ns-name", default=VETH_NS_NAME, help=f"veth end in CMD's namespace (default {VETH_NS_NAME})")
+    add_veth_arguments(n)
     s = p.add_argument_group("sandbox")
     s.add_argument("--netns", default=None, metavar="NAME",
                    help="name of the namespace CMD runs in (default rdsbx-PID; NAME-vm is network-setup's)")
@@ -171,9 +186,18 @@ def parse(argv: list[str], pid: int | None = None) -> Options:
         subnet = ipaddress.IPv4Network(ns.subnet)
     except ValueError as exc:
         raise UsageError(f"invalid --subnet {ns.subnet!r}: {exc}") from None
-    veth_net = ipaddress.IPv4Interface(VETH_NS_ADDRESS).network
-    if subnet.overlaps(veth_net):
-        raise UsageError(f"--subnet {subnet} overlaps the veth pair's {veth_net} inside the namespace")
+    try:
+        veth_host, veth_ns = veth_pair_addresses(ns)
+        veth_host_name = check_ifname(ns.veth_host_name, "--veth-host-name")
+        veth_ns_name = check_ifname(ns.veth_ns_name, "--veth-ns-name")
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    if veth_ns_name == "eth0":
+        raise UsageError("--veth-ns-name eth0: that is the name of CMD's tap")
+    for veth_net in {veth_host.network, veth_ns.network}:
+        if subnet.overlaps(veth_net):
+            raise UsageError(f"--subnet {subnet} overlaps the veth pair's {veth_net} inside the namespace "
+                             "(pick another --veth-subnet)")
     try:
         stop_timeout = float(ns.stop_timeout)
     except ValueError:
@@ -186,7 +210,9 @@ def parse(argv: list[str], pid: int | None = None) -> Options:
     host_args = host_switch_flags(ns)
     check_host_flags(host_args)
     return Options(subnet=subnet, host_args=tuple(host_args), offload=ns.offload, netns=netns,
-                   command=tuple(cmd), self_check=ns.self_check, debug=ns.debug, stop_timeout=stop_timeout)
+                   command=tuple(cmd), self_check=ns.self_check, debug=ns.debug, stop_timeout=stop_timeout,
+                   veth_host_name=veth_host_name, veth_ns_name=veth_ns_name, veth_host_address=veth_host,
+                   veth_ns_address=veth_ns)
 
 
 @attrs.frozen
@@ -223,8 +249,8 @@ def network_setup_command(opts: Options, paths: Paths, init: list[str] | tuple[s
            python, "-m", "rdswitch.network_setup", "--init-foreground",
            "--handshake-listen", f"unix://{paths.handshake_sock}", "--host-url", f"unix://{paths.host_sock}",
            "--netns", opts.netns, "--subnet", str(opts.subnet),
-           "--veth-host-name", VETH_HOST, "--veth-ns-name", VETH_NS,
-           "--veth-host-address", VETH_HOST_ADDRESS, "--veth-ns-address", VETH_NS_ADDRESS,
+           "--veth-host-name", opts.veth_host_name, "--veth-ns-name", opts.veth_ns_name,
+           "--veth-host-address", str(opts.veth_host_address), "--veth-ns-address", str(opts.veth_ns_address),
            "--pid-file", paths.pid_file, "--logfile", paths.setup_log, "--vm-switch-logfile", paths.vm_log,
            "--stop-timeout", f"{opts.stop_timeout:g}", "--unshare-arg", unshare_arg]
     if opts.offload:

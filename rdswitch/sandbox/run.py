@@ -10,10 +10,12 @@ Tree (one trio nursery in this process)::
     `-- (self-check only) an HTTP responder on the host's 127.0.0.1
 
 network-setup runs in a namespace of the sandbox's own (the "VM" root
-namespace, NAME-vm): the contract's veth-rd0 192.168.1.1 lives there, not on
-the host, so sandboxes never collide with each other or with a host LAN on
-192.168.1.0/24.  CMD waits at a gate (a FIFO) until eth0 has its lease, then
-execs, so it starts networked and is still pid 1.
+namespace, NAME-vm): the contract's veth-rd-wsl 192.168.143.2 lives there, not on
+the host, so sandboxes never collide with each other; veth-rd-ns 192.168.143.1
+is in CMD's namespace, so the start refuses a veth subnet that a route or
+address of the host already uses (it would shadow that network for CMD).
+CMD waits at a gate (a FIFO) until eth0 has its lease, then execs, so it
+starts networked and is still pid 1.
 """
 
 from __future__ import annotations
@@ -258,8 +260,9 @@ class Sandbox:
         say("data connection: open; network-setup hands it to vm-switch as fd 3")
         await self.until("namespace", 15, self.setup_log_has("starting vm-switch"), "namespace and veth pair",
                          (p.setup_log,))
-        say(f"namespace: {self.opts.netns}: {sbopts.VETH_NS} {sbopts.VETH_NS_ADDRESS} <-> {sbopts.VETH_HOST} "
-            f"{sbopts.VETH_HOST_ADDRESS} (in {self.opts.vm_netns}, network-setup's namespace)")
+        o = self.opts
+        say(f"namespace: {o.netns}: {o.veth_ns_name} {o.veth_ns_address} <-> {o.veth_host_name} "
+            f"{o.veth_host_address} (in {o.vm_netns}, network-setup's namespace)")
         await self.until("lease", 30, lambda: "DHCP bound" in read_text(p.vm_log), "DHCP lease on eth0",
                          (p.vm_log, p.host_log))
         addr, router = await self.until_thread("lease", 10, lambda: _lease(self.opts.netns, "eth0"),
@@ -320,7 +323,7 @@ class Sandbox:
             if await trio.to_thread.run_sync(_netns_remove, self.opts.netns):
                 say(f"removed a leftover namespace {self.opts.netns}")
         if self.made_vm_netns:
-            await trio.to_thread.run_sync(_netns_remove, self.opts.vm_netns)  # takes veth-rd0 along
+            await trio.to_thread.run_sync(_netns_remove, self.opts.vm_netns)  # takes the host veth along
         if self.made_etc:
             shutil.rmtree(self.paths.etc_dir, ignore_errors=True)
             with contextlib.suppress(OSError):
@@ -380,7 +383,7 @@ async def amain(opts: Options) -> int:
                         self_check = True
                         port = await nursery.start(http_responder)
                         init = [sys.executable, "-m", "rdswitch.sandbox.check", "--subnet", str(opts.subnet),
-                                "--http-port", str(port)]
+                                "--http-port", str(port), "--veth-peer", str(opts.veth_host_address.ip)]
                 sb = Sandbox(opts, paths, init, self_check, interactive)
                 try:
                     await sb.prepare()
@@ -417,6 +420,20 @@ def preflight() -> str | None:
     return None
 
 
+def veth_collision(opts: Options) -> str | None:
+    """Why the veth subnet would shadow a network of this host for CMD (a LAN, a VPN), or None."""
+    from ..network_setup.collision import veth_conflict
+    from ..network_setup.links import claims
+    try:
+        found = claims()
+    except OSError as exc:
+        say(f"cannot read the host's routes to check the veth subnet: {exc}")
+        return None
+    what = f"{opts.veth_ns_name} {opts.veth_ns_address} in CMD's namespace"
+    why = veth_conflict(what, opts.veth_networks, found, also_taken=[opts.subnet])
+    return None if why is None else f"error: {why}"
+
+
 def main(argv: list[str]) -> int:
     try:
         opts = sbopts.parse(argv)
@@ -425,7 +442,7 @@ def main(argv: list[str]) -> int:
         return 2
     except KeyboardInterrupt:  # ^C while the flags were checked: nothing started yet
         return 130
-    why = preflight()
+    why = preflight() or veth_collision(opts)
     if why:
         print(f"{sbopts.PROG}: {why}", file=sys.stderr)
         return 2

@@ -87,6 +87,8 @@ class DhcpServer:
 
         reserved = {net.subnet.network_address, net.subnet.broadcast_address, *net.gateway_ips}
         static: dict[bytes, IPv4Address] = {net.vm_mac: net.vm_ip}
+        if static_leases is None and net.static_leases:
+            static_leases = dict(net.static_leases)
         for mac, ip in (static_leases or {}).items():
             ip = IPv4Address(ip)
             if len(mac) != 6:

@@ -25,6 +25,8 @@ class Switch:
         self.max_macs_per_port = max_macs_per_port
         self.refused_learning = 0  # frames whose source MAC was not learnt (pinned elsewhere, or port full)
         self.spoofed = 0  # frames dropped: their source MAC lives on another port
+        #: counts changes of the MAC table (a MAC learnt, a port's MACs forgotten)
+        self.generation = 0
 
     @property
     def ports(self) -> tuple[Hashable, ...]:
@@ -39,6 +41,7 @@ class Switch:
             self._ports.remove(port)
         for mac in [m for m, p in self._mac_table.items() if p is port and m not in self._pinned]:
             del self._mac_table[mac]
+            self.generation += 1
         self._macs_per_port.pop(port, None)
 
     def pin(self, mac: bytes, port: Hashable) -> None:
@@ -66,6 +69,7 @@ class Switch:
             return True
         self._macs_per_port[port] = count + 1
         self._mac_table[mac] = port
+        self.generation += 1
         return True
 
     def lookup(self, mac: bytes) -> Hashable | None:

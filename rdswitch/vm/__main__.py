@@ -20,9 +20,9 @@ import sys
 
 import trio
 
-from ..aio import connect, links, trace
+from ..aio import connect, links, packet_trace, trace
 from ..urls import parse_url
-from ..config import ConfigError, NetConfig, format_mac, normalize_argv, parse_mac, parse_mtu
+from ..config import ConfigError, NetConfig, format_mac, go_bools, normalize_argv, parse_mac, parse_mtu
 from .. import netlink
 from ..logs import describe
 from ..framing import validate_framing
@@ -34,7 +34,7 @@ from ..logs import setup_logging
 log = logging.getLogger("rdswitch.vm")
 
 LONG_FLAGS = {"offload", "debug", "tap-interface", "tap-mac-address", "subnet", "logfile", "connect", "framing", "mtu",
-              "resolv-conf", "retry-interval"}
+              "resolv-conf", "retry-interval", "trace-packets"}
 READ_BATCH_BYTES = 1 << 20
 READ_BATCH_FRAMES = 256
 
@@ -60,7 +60,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "frames")
     p.add_argument("--retry-interval", type=float, default=1.0, help="seconds between reconnects when a session fails")
     p.add_argument("--trace-latency", default=None, metavar="FILE", help="append per-hop timestamps of small TCP segments to FILE (see rdswitch/aio/trace.py; env RDSWITCH_TRACE_LATENCY)")
-    args = p.parse_args(normalize_argv(argv, LONG_FLAGS))
+    p.add_argument("--trace-packets", action="store_true",
+                   help="log one line per frame from the start; SIGUSR1 toggles it at run time (off by default)")
+    args = p.parse_args(go_bools(normalize_argv(argv, LONG_FLAGS), {"debug", "trace-packets"}))
     try:
         args.mac = parse_mac(args.tap_mac_address)
         args.net = NetConfig(subnet=args.subnet)
@@ -151,6 +153,8 @@ class VmSwitch:
                 frames.append(frame)
                 size += len(frame)
             if frames:
+                if packet_trace.enabled:
+                    packet_trace.frames("tap -> host", frames)
                 if trace.enabled:
                     trace.frames("vm.tap_read", frames)
                     # before the send: the host-switch may read it before the send returns here
@@ -174,6 +178,8 @@ class VmSwitch:
             frames = await link.receive_batch()
             if not frames:
                 return
+            if packet_trace.enabled:
+                packet_trace.frames("host -> tap", frames)
             if trace.enabled:
                 trace.frames("vm.link_read", frames)
                 trace.frames("vm.tap_write", frames)  # before the writes: the VM's reader may run first
@@ -208,7 +214,10 @@ class VmSwitch:
         self.client.start(trio.current_time())
         while True:
             for out in self.client.take_outgoing():
-                await link.send_batch([self.dhcp_frame(out)])  # the link serialises concurrent senders
+                frame = self.dhcp_frame(out)
+                if packet_trace.enabled:
+                    packet_trace.frames("dhcp client -> host", (frame,))
+                await link.send_batch([frame])  # the link serialises concurrent senders
             events, self.pending_events = self.pending_events, []
             for ev in events:
                 await self.on_dhcp_event(ev, link)
@@ -281,6 +290,7 @@ async def amain(args: argparse.Namespace) -> int:
     stopped_by = None
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
+            await nursery.start(packet_trace.follow_sigusr1)
             nursery.start_soon(serve, nursery.cancel_scope)
             async for sig in signals:
                 stopped_by = signal.Signals(sig).name
@@ -299,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging(args.debug, args.logfile)
     trace.start(args.trace_latency)
+    if args.trace_packets:
+        packet_trace.set_enabled(True, "--trace-packets")
     try:
         return trio.run(amain, args)
     except tap.TapError as exc:

@@ -3,7 +3,9 @@
 Flags (the incumbent's single-dash spellings work too)::
 
     --socketFile /run/wsl-proxy.sock   control socket (mode 0600; a stale one is replaced)
-    --upstreamAddress 192.168.1.2      where connections are piped (the namespace's veth)
+    --upstreamAddress 192.168.143.1    where connections are piped (the namespace's veth end)
+    --veth-subnet CIDR                 the veth subnet given to network-setup: upstream is its .1
+    --udpBuffer 8388608                receive buffer of each published UDP port (bytes)
     --logfile /var/log/wsl-proxy.log
     --debug                            debug logging, also to stderr
 
@@ -26,17 +28,17 @@ import sys
 
 import trio
 
-from ..config import go_bools, normalize_argv
-from .proxy import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_FLOWS, Proxy, log
+from ..config import VETH_SUBNET, ConfigError, go_bools, normalize_argv, veth_addresses
+from .proxy import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_FLOWS, DEFAULT_UDP_BUFFER, Proxy, log
 from ..logs import setup_logging
 
 DEFAULT_SOCKET = "/run/wsl-proxy.sock"
-DEFAULT_UPSTREAM = "192.168.1.2"
+DEFAULT_UPSTREAM = str(veth_addresses(VETH_SUBNET)[1].ip)  # network-setup's namespace end
 DEFAULT_LOGFILE = "/var/log/wsl-proxy.log"
 
 _LONG_FLAGS = {
     "socketFile", "socket-file", "upstreamAddress", "upstream-address", "logfile", "debug",
-    "udp-idle-timeout", "udp-max-flows",
+    "udp-idle-timeout", "udp-max-flows", "udpBuffer", "udp-buffer", "veth-subnet",
 }
 _HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
 
@@ -69,8 +71,8 @@ def _positive_int(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 0 < value <= 1_000_000:
-        raise argparse.ArgumentTypeError(f"{text!r} must be 1..1000000")
+    if not 0 < value <= 1 << 30:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 1..{1 << 30}")
     return value
 
 
@@ -78,15 +80,30 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m rdswitch.wsl_proxy", description=__doc__.split("\n\n")[0])
     p.add_argument("--socketFile", "--socket-file", dest="socket_file", default=DEFAULT_SOCKET,
                    help=f"unix socket receiving port mappings (default {DEFAULT_SOCKET})")
-    p.add_argument("--upstreamAddress", "--upstream-address", dest="upstream", type=_upstream, default=DEFAULT_UPSTREAM,
-                   help=f"address connections are piped to (default {DEFAULT_UPSTREAM})")
+    p.add_argument("--upstreamAddress", "--upstream-address", dest="upstream", type=_upstream, default=None,
+                   help=f"address connections are piped to (default {DEFAULT_UPSTREAM}, the namespace end of "
+                        "network-setup's veth)")
+    p.add_argument("--veth-subnet", dest="veth_subnet", default=None, metavar="CIDR",
+                   help="the --veth-subnet network-setup was given: pipe to its .1 (the namespace end)")
+    p.add_argument("--udpBuffer", "--udp-buffer", dest="udp_buffer", type=_positive_int, default=DEFAULT_UDP_BUFFER,
+                   help=f"receive buffer (bytes) of each published UDP port, for bursts (default {DEFAULT_UDP_BUFFER})")
     p.add_argument("--logfile", default=DEFAULT_LOGFILE, help=f"log file (default {DEFAULT_LOGFILE})")
     p.add_argument("--debug", action="store_true", help="debug logging, also to stderr")
     p.add_argument("--udp-idle-timeout", dest="udp_idle_timeout", type=_positive_float, default=DEFAULT_IDLE_TIMEOUT,
                    help=f"seconds before an idle UDP flow is closed (default {DEFAULT_IDLE_TIMEOUT:g})")
     p.add_argument("--udp-max-flows", dest="udp_max_flows", type=_positive_int, default=DEFAULT_MAX_FLOWS,
                    help=f"UDP flows per port; the least recently used is evicted beyond it (default {DEFAULT_MAX_FLOWS})")
-    return p.parse_args(go_bools(normalize_argv(argv, _LONG_FLAGS), {"debug"}))
+    args = p.parse_args(go_bools(normalize_argv(argv, _LONG_FLAGS), {"debug"}))
+    if args.veth_subnet is not None:
+        if args.upstream is not None:
+            p.error("give --upstreamAddress or --veth-subnet, not both")
+        try:
+            args.upstream = str(veth_addresses(args.veth_subnet)[1].ip)
+        except ConfigError as exc:
+            p.error(str(exc))
+    elif args.upstream is None:
+        args.upstream = DEFAULT_UPSTREAM
+    return args
 
 
 def open_control_socket(path: str) -> socket.socket:
@@ -125,7 +142,8 @@ def _remove_socket_file(path: str, ino: int | None) -> None:
 
 
 async def amain(args: argparse.Namespace) -> int:
-    proxy = Proxy(args.upstream, udp_idle_timeout=args.udp_idle_timeout, udp_max_flows=args.udp_max_flows)
+    proxy = Proxy(args.upstream, udp_idle_timeout=args.udp_idle_timeout, udp_max_flows=args.udp_max_flows,
+                  udp_buffer=args.udp_buffer)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         try:
             sock = open_control_socket(args.socket_file)

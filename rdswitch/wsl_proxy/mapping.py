@@ -5,8 +5,10 @@ One JSON object per connection, shaped like Docker's ``nat.PortMap``::
     {"remove": false, "ports": {"80/tcp": [{"HostIp": "127.0.0.1", "HostPort": "8080"}]}}
 
 The container-port key ("80/tcp", "53/udp", or "80" meaning tcp) gives the
-protocol; the HostPort is both the localhost port we listen on and the port
-we dial upstream.  Like Go's encoding/json (which the incumbent used), object
+protocol; the HostPort is both the port we listen on and the port we dial
+upstream; the HostIp is the address we listen on, as given ("" is every
+address, like Docker's).  Bindings of one port and protocol with different
+HostIps (Docker sends "0.0.0.0" and "::") are one forward listening on each.  Like Go's encoding/json (which the incumbent used), object
 keys are matched case-insensitively, and a null binding list (a port that is
 exposed but not published) simply means "no bindings".
 
@@ -19,6 +21,7 @@ still apply.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 
@@ -41,9 +44,14 @@ class MappingError(ValueError):
 @attrs.frozen(order=True)
 class Binding:
     protocol: str  # "tcp" or "udp"
-    host_port: int  # listened on localhost, dialled on the upstream address
+    host_port: int  # listened on (at each host IP), dialled on the upstream address
     container_port: int = attrs.field(default=0, eq=False, order=False)
-    host_ip: str = attrs.field(default="", eq=False, order=False)
+    #: the addresses to listen on, as the message gave them ("" = every address)
+    host_ips: tuple[str, ...] = attrs.field(default=("",), eq=False, order=False)
+
+    @property
+    def host_ip(self) -> str:
+        return self.host_ips[0] if self.host_ips else ""
 
     @property
     def key(self) -> tuple[str, int]:
@@ -107,7 +115,15 @@ def _parse_binding(key: str, proto: str, cport: int, item) -> Binding:
     host_ip = _get(item, "HostIp")
     if host_ip is not None and not isinstance(host_ip, str):
         raise MappingError(f"HostIp of {_short(key)} is not a string: {_short(host_ip)}")
-    return Binding(proto, port, cport, host_ip or "")
+    host_ip = (host_ip or "").strip()
+    if host_ip.startswith("[") and host_ip.endswith("]"):
+        host_ip = host_ip[1:-1]
+    if host_ip:
+        try:
+            host_ip = str(ipaddress.ip_address(host_ip))
+        except ValueError:
+            raise MappingError(f"HostIp of {_short(key)} is not an IP address: {_short(host_ip)}") from None
+    return Binding(proto, port, cport, (host_ip,))
 
 
 def parse_mapping(data: bytes) -> PortMapping:
@@ -160,7 +176,12 @@ def parse_mapping(data: bytes) -> PortMapping:
             except MappingError as exc:
                 errors.append(str(exc))
                 continue
-            if b not in bindings:  # 0.0.0.0 and :: bindings of one port are one listener here
+            for i, other in enumerate(bindings):
+                if other == b:  # one port and protocol: one forward listening on every host IP given
+                    if b.host_ip not in other.host_ips:
+                        bindings[i] = attrs.evolve(other, host_ips=other.host_ips + b.host_ips)
+                    break
+            else:
                 bindings.append(b)
     return PortMapping(remove, tuple(bindings), tuple(errors))
 

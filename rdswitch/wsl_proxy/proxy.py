@@ -1,5 +1,9 @@
 """wsl-proxy's trio shell: control socket, per-port listeners, pipes.
 
+Each published port listens on the host IPs its mapping gives ("" = every
+address: 0.0.0.0 and ::), like the incumbent; TCP connections and UDP flows
+are piped to the upstream (the namespace's veth address) at the same port.
+
 Lifetimes follow the nursery tree:
 
     Proxy.serve (the proxy's nursery)
@@ -31,7 +35,11 @@ from .mapping import Binding, MappingError, MessageFramer, PortMapping, parse_ma
 
 log = logging.getLogger("rdswitch.wsl_proxy")
 
-LOCALHOSTS = ((_stdsocket.AF_INET, "127.0.0.1"), (_stdsocket.AF_INET6, "::1"))
+#: What a binding without a HostIp listens on: every IPv4 and every IPv6 address.
+ANY_ADDRESS = ((_stdsocket.AF_INET, "0.0.0.0"), (_stdsocket.AF_INET6, "::"))
+#: The receive buffer asked for on each published UDP port (the incumbent's -udpBuffer default):
+#: room for a burst; beyond it the kernel drops, so a flood never grows our memory.
+DEFAULT_UDP_BUFFER = 8 << 20
 CONTROL_READ_TIMEOUT = 10.0
 MAX_CONTROL_CONNECTIONS = 32
 CONNECT_TIMEOUT = 15.0
@@ -69,15 +77,17 @@ class UdpFlow:
 class Proxy:
     def __init__(
         self,
-        upstream: str = "192.168.1.2",
+        upstream: str = "192.168.143.1",
         udp_idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         udp_max_flows: int = DEFAULT_MAX_FLOWS,
-        localhosts=LOCALHOSTS,
+        any_address=ANY_ADDRESS,
+        udp_buffer: int = DEFAULT_UDP_BUFFER,
     ):
         self.upstream = upstream
         self.udp_idle_timeout = udp_idle_timeout
         self.udp_max_flows = udp_max_flows
-        self.localhosts = localhosts
+        self.any_address = any_address
+        self.udp_buffer = udp_buffer
         self.ports: dict[tuple[str, int], PortEntry] = {}
         self._lock = trio.Lock()
         self._nursery: trio.Nursery | None = None
@@ -158,7 +168,7 @@ class Proxy:
         entry = PortEntry(b, [a for a, _ in socks])
         await self._nursery.start(self._run_port, entry, socks)
         self.ports[b.key] = entry
-        log.info("forwarding localhost:%s (%s) to %s:%s", b, ", ".join(entry.addresses), self.upstream, b.host_port)
+        log.info("forwarding %s on %s to %s:%s", b, ", ".join(entry.addresses), self.upstream, b.host_port)
         return True
 
     async def remove_port(self, b: Binding) -> bool:
@@ -173,12 +183,21 @@ class Proxy:
         log.info("stopped forwarding %s", b)
         return True
 
+    def addresses(self, b: Binding) -> list[tuple[int, str]]:
+        """(family, address) for each host IP of ``b``; "" stands for every address."""
+        out: list[tuple[int, str]] = []
+        for ip in b.host_ips or ("",):
+            for item in (self.any_address if ip == "" else ((_stdsocket.AF_INET6 if ":" in ip else _stdsocket.AF_INET, ip),)):
+                if item not in out:
+                    out.append(item)
+        return out
+
     async def _bind(self, b: Binding) -> list[tuple[str, trio.socket.SocketType]]:
-        """Bind every localhost address; all or nothing for 'in use'."""
+        """Bind every host IP of the binding; all or nothing for 'in use'."""
         kind = trio.socket.SOCK_STREAM if b.protocol == "tcp" else trio.socket.SOCK_DGRAM
         socks: list[tuple[str, trio.socket.SocketType]] = []
         try:
-            for family, host in self.localhosts:
+            for family, host in self.addresses(b):
                 try:
                     sock = trio.socket.socket(family, kind)
                 except OSError as exc:
@@ -189,6 +208,8 @@ class Proxy:
                         # lets a removed port be re-added at once; an active
                         # listener still makes bind fail with EADDRINUSE
                         sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
+                    else:
+                        _udp_buffer(sock, self.udp_buffer)
                     if family == trio.socket.AF_INET6:
                         sock.setsockopt(trio.socket.IPPROTO_IPV6, trio.socket.IPV6_V6ONLY, 1)
                     await sock.bind((host, b.host_port))
@@ -204,7 +225,7 @@ class Proxy:
                     raise PortUnavailable(f"cannot bind {host} port {b.host_port}/{b.protocol}: {exc.strerror or exc}") from None
                 socks.append((host, sock))
             if not socks:
-                raise PortUnavailable("no localhost address could be bound")
+                raise PortUnavailable("none of its addresses could be bound")
         except BaseException:
             for _, s in socks:
                 s.close()
@@ -330,6 +351,18 @@ class Proxy:
             await trio.sleep(interval)
             for flow in table.expire(trio.current_time()):
                 flow.scope.cancel()
+
+
+def _udp_buffer(sock, size: int) -> None:
+    """Ask for a ``size``-byte receive buffer: past net.core.rmem_max when we may (root), else up to it."""
+    for opt in (getattr(_stdsocket, "SO_RCVBUFFORCE", None), _stdsocket.SO_RCVBUF):
+        if opt is None:
+            continue
+        try:
+            sock.setsockopt(_stdsocket.SOL_SOCKET, opt, size)
+            return
+        except OSError:
+            continue
 
 
 def _preview(data: bytes, limit: int = 80) -> bytes:

@@ -326,3 +326,81 @@ def test_unusable_handshake_url_is_a_clear_error(tmp_path):
         assert not os.path.exists(os.path.join(NS_DIR, ns_name))
     finally:
         nsutil.delete_netns(ns_name)
+
+
+def _dummy(ns: str, cidr: str, name: str | None = None) -> str:
+    """An interface in ``ns`` carrying ``cidr``: a dummy, or a veth pair inside ``ns`` on a kernel without
+    the dummy driver (this machine's has none)."""
+    name = name or nsutil.unique_name("dm")
+    res = nsutil.ns_run(ns, ["ip", "link", "add", name, "type", "dummy"], check=False)
+    if res.returncode != 0:
+        nsutil.ns_run(ns, ["ip", "link", "add", name, "type", "veth", "peer", "name", nsutil.unique_name("dp")])
+    nsutil.ns_run(ns, ["ip", "addr", "add", cidr, "dev", name])
+    nsutil.ns_run(ns, ["ip", "link", "set", name, "up"])
+    return name
+
+
+def test_veth_subnet_in_use_is_refused_before_anything_is_made(tmp_path):
+    """A network of the host on 192.168.143.0/24 (a dummy interface in a test namespace standing in
+    for a LAN): network-setup and the sandbox exit 2 with one line naming the route and a free subnet,
+    and create nothing; the suggested subnet gets past the check."""
+    with nsutil.netns("rdcol") as host:
+        lan = _dummy(host, "192.168.143.7/24")
+        ns_name = nsutil.unique_name("rdns")
+        hs_sock = tmp_path / "hs.sock"
+        base = [PY, "-m", "rdswitch.network_setup", "--handshake-listen", f"unix://{hs_sock}",
+                "--host-url", f"unix://{tmp_path}/data.sock", "--netns", ns_name, "--logfile", "",
+                "--vm-switch-logfile", "", "--pid-file", ""]
+        try:
+            res = nsutil.ns_run(host, base, check=False, cwd=REPO)
+            assert res.returncode == 2, res
+            lines = res.stderr.strip().splitlines()
+            assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+            assert f"overlaps the route 192.168.143.0/24 dev {lan}" in lines[0], lines[0]
+            assert "pick a free subnet, e.g. --veth-subnet 192.168.144.0/24" in lines[0], lines[0]
+            assert not hs_sock.exists() and not os.path.exists(os.path.join(NS_DIR, ns_name))
+            assert "veth-rd-wsl" not in nsutil.ns_run(host, ["ip", "-o", "link"]).stdout
+
+            res = nsutil.ns_run(host, [PY, "-m", "rdswitch", "sandbox", "--", "true"], check=False, cwd=REPO,
+                                stdin=subprocess.DEVNULL)
+            assert res.returncode == 2, res
+            lines = res.stderr.strip().splitlines()
+            assert len(lines) == 1 and f"route 192.168.143.0/24 dev {lan}" in lines[0], res.stderr
+            assert "--veth-subnet 192.168.144.0/24" in lines[0]
+
+            # the suggestion is free: network-setup goes on to wait for the handshake
+            proc = subprocess.Popen(nsutil.ns_cmd(host, [*base, "--veth-subnet", "192.168.144.0/24"]),
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO)
+            try:
+                nsutil.wait_for(lambda: proc.poll() is not None or hs_sock.exists(), 15, what="handshake socket")
+                assert proc.poll() is None, proc.stderr.read().decode()
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                assert proc.wait(15) == 0
+                proc.stderr.close()
+        finally:
+            nsutil.delete_netns(ns_name)
+
+
+def test_our_own_stale_veth_is_no_collision(tmp_path):
+    """A veth-rd-wsl left by a dead network-setup carries the veth subnet: it is not a LAN, it is removed."""
+    with nsutil.netns("rdcol") as host:
+        nsutil.ns_run(host, ["ip", "link", "add", "veth-rd-wsl", "type", "veth", "peer", "name", "veth-rd-old"])
+        nsutil.ns_run(host, ["ip", "addr", "add", "192.168.143.2/24", "dev", "veth-rd-wsl"])
+        nsutil.ns_run(host, ["ip", "link", "set", "veth-rd-wsl", "up"])
+        hs_sock = tmp_path / "hs.sock"
+        ns_name = nsutil.unique_name("rdns")
+        proc = subprocess.Popen(nsutil.ns_cmd(host, [PY, "-m", "rdswitch.network_setup", "--handshake-listen",
+                                                     f"unix://{hs_sock}", "--host-url", f"unix://{tmp_path}/d.sock",
+                                                     "--netns", ns_name, "--logfile", str(tmp_path / "ns.log"),
+                                                     "--vm-switch-logfile", "", "--pid-file", ""]),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+        try:
+            nsutil.wait_for(lambda: proc.poll() is not None or hs_sock.exists(), 15, what="handshake socket")
+            assert proc.poll() is None, (tmp_path / "ns.log").read_text()
+            assert "veth-rd-wsl" not in nsutil.ns_run(host, ["ip", "-o", "link"]).stdout  # the stale one is gone
+            assert "removed stale veth-rd-wsl" in (tmp_path / "ns.log").read_text()
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(15)
+            nsutil.delete_netns(ns_name)

@@ -1,5 +1,5 @@
 """``python -m rdswitch sandbox`` end to end: the real path (host-switch with --handshake,
-network-setup, vm-switch on fd 3, veth-rd0/rd1, CMD as pid 1 under unshare), checked
+network-setup, vm-switch on fd 3, veth-rd-wsl/veth-rd-ns, CMD as pid 1 under unshare), checked
 from inside by the command itself, and nothing left afterwards or after a SIGTERM.
 
 Traffic stays on the host's 127.0.0.1 (an HTTP server and a fake DNS upstream of the
@@ -186,8 +186,8 @@ INSIDE = r"""
 echo "pid=$$"
 echo "addr=$(ip -4 -o addr show dev eth0 | awk '{print $4}')"
 echo "route=$(ip -4 route show default | awk '{print $3}')"
-echo "veth=$(ip -4 -o addr show dev veth-rd1 | awk '{print $4}')"
-ping -c 1 -W 2 192.168.1.1 >/dev/null && echo "ping-veth=ok"
+echo "veth=$(ip -4 -o addr show dev "$5" | awk '{print $4}')"
+ping -c 1 -W 2 "$6" >/dev/null && echo "ping-veth=ok"
 ping -c 1 -W 2 "$1" >/dev/null && echo "ping-gateway=ok"
 echo "alias=$(getent hosts host.rancher-desktop.internal | awk '{print $1}')"
 echo "upstream=$(getent hosts known.example | awk '{print $1}')"
@@ -208,17 +208,25 @@ def assert_stages_in_order(err: str) -> None:
     assert None not in at and at == sorted(at), err
 
 
+# The first layout, one flag set away (README): the seed's names and 192.168.1.0/24
+SEED_VETH = ["--veth-host-name", "veth-rd0", "--veth-ns-name", "veth-rd1",
+             "--veth-host-address", "192.168.1.1/24", "--veth-ns-address", "192.168.1.2/24"]
+CONTRACT_LINKS = {"veth-rd-wsl", "veth-rd-ns", "veth-rd0", "veth-rd1"}
+
+
 @pytest.mark.parametrize("subnet,status", [(None, 0), ("10.99.0.0/24", 7)])
 def test_sandbox_real_path(sandboxes, fake_dns, http_server, tmp_path, subnet, status):
     port, token = http_server
     base = (subnet or "192.168.127.0/24").rsplit(".", 1)[0]
     gw, vm, alias = f"{base}.1", f"{base}.2", f"{base}.254"
-    contract_links_before = root_links() & {"veth-rd0", "veth-rd1"}
+    contract_links_before = root_links() & CONTRACT_LINKS
     args = ["--allow-outbound", "127.0.0.0/8", "--dns-upstream", fake_dns, "--dns-record", "extra.sandbox.test=10.1.2.3"]
     capture = str(tmp_path / "frames.pcap")
+    veth = ("veth-rd-ns", "192.168.143.2", "192.168.143.1/24")  # Rancher Desktop's current pair: the default
     if subnet:
-        args += ["--subnet", subnet, "--capture", capture]
-    sb = sandboxes(*args, script=INSIDE, params=(gw, alias, str(port), str(status)))
+        args += ["--subnet", subnet, "--capture", capture, *SEED_VETH]
+        veth = ("veth-rd1", "192.168.1.1", "192.168.1.2/24")
+    sb = sandboxes(*args, script=INSIDE, params=(gw, alias, str(port), str(status), veth[0], veth[1]))
     out, err = sb.communicate()
     assert sb.proc.returncode == status, (out, err)
     assert "Traceback" not in err, err
@@ -227,7 +235,7 @@ def test_sandbox_real_path(sandboxes, fake_dns, http_server, tmp_path, subnet, s
     assert got.get("pid") == "1", out  # CMD is pid 1 of its own pid namespace
     assert got.get("addr") == f"{vm}/24", out  # the lease on eth0
     assert got.get("route") == gw, out
-    assert got.get("veth") == "192.168.1.2/24", out
+    assert got.get("veth") == veth[2], out
     assert got.get("ping-veth") == "ok", out
     assert got.get("ping-gateway") == "ok", out
     assert got.get("resolv") == gw, out  # the namespace's own resolv.conf, not the host's
@@ -241,7 +249,7 @@ def test_sandbox_real_path(sandboxes, fake_dns, http_server, tmp_path, subnet, s
     if subnet:  # --capture passed through: the frames of the session (DHCP, ARP, pings, DNS, TCP)
         assert os.path.getsize(capture) > 1000
     # the contract's veth pair lived in the sandbox's namespaces, never on the host
-    assert root_links() & {"veth-rd0", "veth-rd1"} == contract_links_before
+    assert root_links() & CONTRACT_LINKS == contract_links_before
 
 
 def read_until(proc: subprocess.Popen, text: str, timeout: float) -> str:
@@ -277,8 +285,8 @@ def test_sigterm_mid_command_leaves_nothing(sandboxes, trap):
     assert any(sb.marker in " ".join(cmdline(k)) for k in child_pids(init_pid)), child_pids(init_pid)
     assert os.path.exists(f"/run/netns/{sb.netns}") and os.path.exists(f"/run/netns/{sb.netns}-vm")
     assert os.path.exists(f"/etc/netns/{sb.netns}/resolv.conf")
-    assert nsutil.run(["ip", "-n", f"{sb.netns}-vm", "link", "show", "veth-rd0"], check=False).returncode == 0
-    assert nsutil.run(["ip", "-n", sb.netns, "link", "show", "veth-rd1"], check=False).returncode == 0
+    assert nsutil.run(["ip", "-n", f"{sb.netns}-vm", "link", "show", "veth-rd-wsl"], check=False).returncode == 0
+    assert nsutil.run(["ip", "-n", sb.netns, "link", "show", "veth-rd-ns"], check=False).returncode == 0
     assert nsutil.run(["ip", "-n", sb.netns, "link", "show", "eth0"], check=False).returncode == 0
     assert pids_with(sb.marker), "the command is not running"
     t0 = time.monotonic()
@@ -296,7 +304,9 @@ def test_sigterm_mid_command_leaves_nothing(sandboxes, trap):
 @pytest.mark.parametrize("args,needle", [
     (["--mtu", "5"], "MTU"),
     (["--subnet", "not-a-subnet"], "--subnet"),
-    (["--subnet", "192.168.1.0/24"], "overlaps"),
+    (["--subnet", "192.168.143.0/24"], "overlaps"),
+    (["--veth-subnet", "10.0.0.0/24", "--veth-ns-address", "10.0.0.5/24"], "not both"),
+    (["--veth-ns-name", "eth0"], "eth0"),
     (["--allow-outbound", "nope"], "nope"),
     (["--dns-record", "justaname"], "justaname"),
     (["--port-forward", "garbage"], "garbage"),
@@ -336,14 +346,14 @@ echo ready
 i=0
 while [ ! -e "$1" ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done
 [ -e "$1" ] || exit 99
-ping -c 1 -W 2 192.168.1.1 >/dev/null && echo "ping-veth=ok"
+ping -c 1 -W 2 192.168.143.2 >/dev/null && echo "ping-veth=ok"
 echo "alias=$(getent hosts host.rancher-desktop.internal | awk '{print $1}')"
 exit 5
 """
 
 
 def test_two_sandboxes_at_once_and_a_taken_name(sandboxes, fake_dns, tmp_path):
-    """Two sandboxes both use the contract's veth-rd0 192.168.1.1 (each in its own namespace) and
+    """Two sandboxes both use the contract's veth-rd-wsl 192.168.143.2 (each in its own namespace) and
     work side by side; a third given a name in use fails clearly and leaves the owner alone."""
     go = str(tmp_path / "go")
     a = sandboxes("--dns-upstream", fake_dns, script=WAIT_FOR_FILE, params=(go,))
@@ -351,8 +361,8 @@ def test_two_sandboxes_at_once_and_a_taken_name(sandboxes, fake_dns, tmp_path):
     read_until(a.proc, "ready", 60)
     read_until(b.proc, "ready", 60)
     for sb in (a, b):
-        res = nsutil.run(["ip", "-n", f"{sb.netns}-vm", "-4", "-o", "addr", "show", "dev", "veth-rd0"], check=False)
-        assert "192.168.1.1/24" in res.stdout, res
+        res = nsutil.run(["ip", "-n", f"{sb.netns}-vm", "-4", "-o", "addr", "show", "dev", "veth-rd-wsl"], check=False)
+        assert "192.168.143.2/24" in res.stdout, res
 
     # the same --netns as a running sandbox: refused before anything is touched
     res = subprocess.run([PY, "-m", "rdswitch", "sandbox", "--netns", a.netns, "--", "true"], capture_output=True,

@@ -8,7 +8,7 @@ Layers, bottom up (docs/architecture.md):
 3. trio building blocks: ``aio/``, ``netlink``
 4. the handshake (both sides)
 5. the processes: ``host/``, ``vm/``, ``network_setup/``, ``wsl_proxy/``, ``ctl/``
-6. the sandbox that composes the processes: ``sandbox/``
+6. what composes the processes: ``sandbox/``, ``gvproxy/``
 7. the ``rdswitch`` command: ``rdswitch/__main__``
 
 A module imports only from its own unit or from units of lower layers, and
@@ -34,7 +34,7 @@ LAYERS: list[set[str]] = [
     {"aio", "netlink"},
     {"handshake"},
     {"host", "vm", "network_setup", "wsl_proxy", "ctl"},
-    {"sandbox"},
+    {"sandbox", "gvproxy"},
     {"__main__"},
 ]
 LAYER_OF = {unit: i for i, units in enumerate(LAYERS) for unit in units}

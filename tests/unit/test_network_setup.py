@@ -34,9 +34,11 @@ def test_defaults_follow_the_spec():
     assert o.handshake_listen == "vsock://:6669"
     assert o.host_url == "vsock://2:6656"
     assert o.netns == "rd-netns"
-    assert (o.veth_host_name, o.veth_ns_name) == ("veth-rd0", "veth-rd1")
-    assert o.veth_host_address == ipaddress.IPv4Interface("192.168.1.1/24")
-    assert o.veth_ns_address == ipaddress.IPv4Interface("192.168.1.2/24")
+    # Rancher Desktop's current pair: veth-rd-wsl .2 in the default namespace, veth-rd-ns .1 inside
+    assert (o.veth_host_name, o.veth_ns_name) == ("veth-rd-wsl", "veth-rd-ns")
+    assert o.veth_host_address == ipaddress.IPv4Interface("192.168.143.2/24")
+    assert o.veth_ns_address == ipaddress.IPv4Interface("192.168.143.1/24")
+    assert o.trace_packets is False
     assert o.pid_file == "/run/wsl-init.pid"
     assert o.logfile == "/var/log/network-setup.log"
     assert o.vm_switch_logfile == "/var/log/vm-switch.log"
@@ -97,6 +99,26 @@ def test_go_bools_leaves_other_flags_and_values():
     assert go_bools(["--subnet=true", "--name=false"], {"debug"}) == ["--subnet=true", "--name=false"]
 
 
+def test_veth_subnet_and_the_first_layout():
+    o = parse_args(["--veth-subnet", "10.99.0.0/24"])
+    assert (str(o.veth_host_address), str(o.veth_ns_address)) == ("10.99.0.2/24", "10.99.0.1/24")
+    assert o.veth_networks == (ipaddress.IPv4Network("10.99.0.0/24"),)
+    # the seed's names and 192.168.1.0/24: one documented flag set away
+    seed = parse_args(["--veth-host-name", "veth-rd0", "--veth-ns-name", "veth-rd1",
+                       "--veth-host-address", "192.168.1.1/24", "--veth-ns-address", "192.168.1.2/24"])
+    assert (seed.veth_host_name, seed.veth_ns_name) == ("veth-rd0", "veth-rd1")
+    assert (str(seed.veth_host_address), str(seed.veth_ns_address)) == ("192.168.1.1/24", "192.168.1.2/24")
+    # one address flag alone keeps the default for the other
+    o = parse_args(["--veth-ns-address", "192.168.143.9/24"])
+    assert (str(o.veth_host_address), str(o.veth_ns_address)) == ("192.168.143.2/24", "192.168.143.9/24")
+
+
+def test_trace_packets_reaches_vm_switch():
+    o = parse_args(["-trace-packets"])
+    assert o.trace_packets and "--trace-packets" in vm_switch_command(o, 7)
+    assert "--trace-packets" not in vm_switch_command(parse_args([]), 7)
+
+
 def test_mac_is_normalized():
     assert parse_args(["--tap-mac-address", "5A-94-EF-E4-0C-EE"]).tap_mac_address == "5a:94:ef:e4:0c:ee"
 
@@ -114,13 +136,17 @@ def test_mac_is_normalized():
     (["--veth-host-name", "a-name-longer-than-15"], "--veth-host-name"),
     (["--veth-ns-name", "a/b"], "--veth-ns-name"),
     (["--tap-interface", ""], "--tap-interface"),
-    (["--tap-interface", "veth-rd1"], "same namespace"),
+    (["--tap-interface", "veth-rd-ns"], "same namespace"),
+    (["--veth-subnet", "10.1.0.0/24", "--veth-host-address", "10.1.0.9/24"], "not both"),
+    (["--veth-subnet", "10.1.0.1/24"], "--veth-subnet"),
+    (["--veth-subnet", "10.1.0.0/31"], "/30 or larger"),
+    (["--veth-subnet", "192.168.127.0/25"], "overlaps the virtual subnet"),
     (["--netns", "../etc"], "--netns"),
     (["--netns", ".."], "--netns"),
     (["--veth-host-address", "192.168.1.1"], "prefix length"),
     (["--veth-host-address", "192.168.1.300/24"], "--veth-host-address"),
     (["--veth-ns-address", "192.168.1.2/32"], "/32"),
-    (["--veth-ns-address", "192.168.1.1/24"], "same address"),
+    (["--veth-ns-address", "192.168.143.2/24"], "same address"),
     (["--unshare-arg", "sh -c 'unterminated"], "--unshare-arg"),
     (["--stop-timeout", "-1"], "--stop-timeout"),
     (["--stop-timeout", "abc"], "not a number"),

@@ -44,9 +44,26 @@ def test_parse_remove_udp_and_default_protocol():
     assert m.errors == ()
 
 
-def test_parse_dedupes_ipv4_and_ipv6_bindings_of_one_port():
+def test_parse_joins_the_host_ips_of_one_port():
     m = parse_mapping(b'{"ports": {"80/tcp": [{"HostIp": "0.0.0.0", "HostPort": "8080"}, {"HostIp": "::", "HostPort": "8080"}]}}')
     assert m.bindings == (Binding("tcp", 8080),)
+    assert m.bindings[0].host_ips == ("0.0.0.0", "::")
+    m = parse_mapping(b'{"ports": {"80/tcp": [{"HostPort": "8080"}], "81/udp": [{"HostIp": "[::1]", "HostPort": "53"}]}}')
+    assert [b.host_ips for b in m.bindings] == [("",), ("::1",)]
+
+
+def test_parse_refuses_a_host_ip_that_is_not_an_address():
+    m = parse_mapping(b'{"ports": {"80/tcp": [{"HostIp": "localhost", "HostPort": "8080"}, {"HostPort": "8081"}]}}')
+    assert m.bindings == (Binding("tcp", 8081),)
+    assert "HostIp of '80/tcp' is not an IP address" in m.errors[0]
+
+
+def test_addresses_of_a_binding_are_as_given():
+    proxy = Proxy("127.0.0.2")
+    assert proxy.addresses(Binding("tcp", 1)) == [(socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")]
+    assert proxy.addresses(Binding("tcp", 1, host_ips=("127.0.0.1",))) == [(socket.AF_INET, "127.0.0.1")]
+    assert proxy.addresses(Binding("udp", 1, host_ips=("0.0.0.0", "::", "0.0.0.0"))) == [
+        (socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")]
 
 
 def test_parse_keys_case_insensitive_like_go():
@@ -202,10 +219,26 @@ def test_flags_single_dash_long_and_kebab():
     a = parse_args(["--socket-file", "/tmp/y", "--upstream-address", "[::1]", "-debug=false"])
     assert (a.socket_file, a.upstream, a.debug) == ("/tmp/y", "::1", False)
     a = parse_args([])
-    assert (a.socket_file, a.upstream, a.logfile) == ("/run/wsl-proxy.sock", "192.168.1.2", "/var/log/wsl-proxy.log")
+    assert (a.socket_file, a.upstream, a.logfile) == ("/run/wsl-proxy.sock", "192.168.143.1", "/var/log/wsl-proxy.log")
+    assert a.udp_buffer == 8 << 20
+    # network-setup's --veth-subnet gives the upstream too (its .1, the namespace end)
+    assert parse_args(["--veth-subnet", "10.77.0.0/24", "-udpBuffer", "65536"]).upstream == "10.77.0.1"
+    # the first layout, one flag away
+    assert parse_args(["-upstreamAddress", "192.168.1.2"]).upstream == "192.168.1.2"
     # Go's bool spellings, and yes/no like network-setup (the two copies of this once differed)
     assert [parse_args([f"-debug={v}"]).debug for v in ("True", "1", "t", "yes", "FALSE", "0", "no")] == [
         True, True, True, True, False, False, False]
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--veth-subnet", "10.0.0.0/24", "-upstreamAddress", "10.0.0.1"], "not both"),
+    (["--veth-subnet", "10.0.0.1/24"], "--veth-subnet"),
+    (["-udpBuffer", "0"], "must be"),
+])
+def test_flags_veth_subnet_and_udp_buffer_errors(argv, needle, capsys):
+    with pytest.raises(SystemExit) as info:
+        parse_args(argv)
+    assert info.value.code == 2 and needle in capsys.readouterr().err
 
 
 def test_flags_bad_upstream_is_a_clear_error(capsys):
@@ -268,7 +301,7 @@ def run_with_proxy(test, clock=None, **kw):
     async def main():
         with trio.fail_after(20):
             async with trio.open_nursery() as nursery:
-                proxy = Proxy(UP, localhosts=V4_ONLY, **kw)
+                proxy = Proxy(UP, any_address=V4_ONLY, **kw)
                 await nursery.start(proxy.serve, _IdleListener())
                 await test(proxy, nursery)
                 nursery.cancel_scope.cancel()
@@ -392,7 +425,7 @@ def test_control_socket_retries_transient_accept_errors():
             async with trio.open_nursery() as nursery:
                 ours, theirs = trio.testing.memory_stream_pair()
                 listener = FlakyListener(theirs)
-                proxy = Proxy(UP, localhosts=V4_ONLY)
+                proxy = Proxy(UP, any_address=V4_ONLY)
                 await nursery.start(proxy.serve, listener)
                 await ours.send_all(json.dumps({"ports": {"80/tcp": [{"HostPort": str(port)}]}}).encode())
                 assert await ours.receive_some(10) == b""  # closed once applied
@@ -464,8 +497,8 @@ def test_udp_forward_flows_and_idle_timeout():
 
 def test_bind_error_other_than_in_use_is_reported():
     async def test(proxy, nursery):
-        proxy.localhosts = ((socket.AF_INET, "192.0.2.123"),)  # not ours: EADDRNOTAVAIL
-        ok = await proxy.add_port(Binding("tcp", free_port()))
+        # not ours: EADDRNOTAVAIL
+        ok = await proxy.add_port(Binding("tcp", free_port(), host_ips=("192.0.2.123",)))
         assert ok is False and proxy.ports == {}
 
     run_with_proxy(test)
@@ -484,7 +517,7 @@ def test_control_socket_needs_no_half_close(tmp_path):
                 sock = trio.socket.socket(socket.AF_UNIX)
                 await sock.bind(path)
                 sock.listen()
-                proxy = Proxy(UP, localhosts=V4_ONLY)
+                proxy = Proxy(UP, any_address=V4_ONLY)
                 await nursery.start(proxy.serve, trio.SocketListener(sock))
                 client = await trio.open_unix_socket(path)
                 await client.send_all(json.dumps({"ports": {"80/tcp": [{"HostPort": str(port)}]}}).encode())
