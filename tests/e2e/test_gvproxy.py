@@ -208,7 +208,7 @@ def test_podman_machine_command_line(bed, tmp):
     assert vm.address() == f"{VM_IP}/24"  # the lease: the VM MAC's static .2
     assert banner(ssh_port).startswith(b"SSH-2.0-OpenSSH")  # -ssh-port: 127.0.0.1:N -> the VM's :22
     status, body = http_get_unix(p["api.sock"], "/services/forwarder/all")
-    assert status == 200 and {"local": f"127.0.0.1:{ssh_port}", "remote": f"{VM_IP}:22", "protocol": "tcp"} in json.loads(body)
+    assert status == 200 and {"local": f"127.0.0.1:{ssh_port}", "remote": f"{VM_IP}:22", "protocol": "tcp", "owner": "host"} in json.loads(body)
     assert json.loads(http_get_unix(p["api.sock"], "/leases")[1]) == {VM_IP: VM_MAC}
     assert list(json.loads(http_get_unix(p["api.sock"], "/cam")[1])) == [VM_MAC]
     assert dig(vm, "host.containers.internal") == "192.168.127.254"  # gvproxy's default zones
